@@ -1,0 +1,1 @@
+"""The ``fnconvert`` command line (installed as the ``fnconvert_cli`` package)."""

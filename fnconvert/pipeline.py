@@ -1,0 +1,296 @@
+"""``transform``: data → factors → surgery → finetune → export → verify, with every input validated first."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FnconvertError, VerificationError
+from .log import NULL_LOG, Log
+
+ARTIFACTS = ("model_fn.onnx", "model_fn.pt", "model_fn.pt2", "factors.safetensors", "factors.npz", "report.json")
+
+
+@dataclass
+class TransformOptions:
+    model: str
+    data: str
+    out: str = "fnconvert-out"
+    factors: int | str = 1  # an int, or "auto"
+    epochs: int = 3
+    no_finetune: bool = False
+    optimizer: str = "sgd"
+    lr: float | None = None
+    schedule: str = "inv-sqrt"
+    batch_size: int = 128
+    seed: int = 0
+    calib_samples: int | None = None
+    method: str = "auto"
+    device: str = "auto"
+    arch: str | None = None
+    trust_model_code: bool = False
+    normalize: str | None = None
+    data_dir: str | None = None
+    opset: int = 17
+    atol: float = 1e-4
+    force: bool = False
+    resume: bool = False
+    provider: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FnconvertError("--device cuda: no CUDA device is visible to torch; use --device cpu or auto")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise FnconvertError(f"--device {device!r} is not one of auto, cpu, cuda")
+    return device
+
+
+def _check_out(out: Path, force: bool, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FnconvertError(f"--out {out} is a file; give a folder path")
+    if out.is_dir() and any(out.iterdir()) and not (force or resume):
+        raise FnconvertError(f"--out {out} is not empty; pass --force to overwrite, or choose another folder")
+
+
+def transform(opts: TransformOptions, log: Log = NULL_LOG) -> dict:
+    """Convert ``opts.model`` to its FN form; returns the report (also written to ``OUT/report.json``)."""
+    import torch
+
+    from . import __version__
+    from .data import load_data
+    from .export import clean_stale_tmp, export_onnx, export_pt2, export_torchscript, write_json
+    from .factors import fit_factors
+    from .finetune import TrainConfig, adaptive_rates, config_hash, evaluate, finetune, train_config_dict
+    from .models import load_model
+    from .surgery import analyze_output, build_fn_model
+    from .verify import compare, open_session
+
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    # ---- validate everything before anything is written -------------------------------------------------------
+    out = Path(opts.out)
+    _check_out(out, opts.force, opts.resume)
+    epochs = 0 if opts.no_finetune else opts.epochs
+    cfg = TrainConfig(epochs, opts.optimizer, opts.lr, opts.schedule, opts.batch_size, opts.seed).validate()
+    if not (opts.atol > 0):
+        raise FnconvertError(f"--atol {opts.atol} must be positive")
+    if not 9 <= opts.opset <= 23:
+        raise FnconvertError(f"--opset {opts.opset} is outside 9..23; the default 17 suits onnxruntime ≥ 1.13")
+    d_auto = isinstance(opts.factors, str)
+    if d_auto and opts.factors != "auto":
+        raise FnconvertError(f"--factors {opts.factors!r} must be a positive integer or 'auto'")
+    device = resolve_device(opts.device)
+    torch.manual_seed(opts.seed)
+
+    ds = load_data(opts.data, data_dir=opts.data_dir, normalize=opts.normalize)
+    loaded = load_model(opts.model, arch=opts.arch, trust_model_code=opts.trust_model_code)
+    if loaded.format == "onnx":
+        from .onnx_io import transform_onnx
+
+        return transform_onnx(opts, ds, loaded, log)
+    model = loaded.module.to(device)
+    example = next(ds.train.batches(2))[0].to(device)
+    analysis = analyze_output(model, example)
+    _check_labels(ds, analysis.num_classes)
+    log.info(f"model: {loaded.format} {loaded.path.name}, {analysis.num_classes} classes, output "
+             f"{'logits' if analysis.tail == 'none' else analysis.tail} after {analysis.dense_op}")
+
+    calib_idx = ds.calibration_indices(opts.calib_samples, opts.seed)
+    calib = ds.train.flat_batches(512, calib_idx)
+    t0 = time.perf_counter()
+    if d_auto:
+        from .inspect import choose_factors
+
+        probe = fit_factors(calib, min(10, ds.train.n_features - 1), method=opts.method, device=device, seed=opts.seed)
+        d, d_reason = choose_factors(probe)
+    else:
+        d, d_reason = int(opts.factors), "given by --factors"
+    factors = fit_factors(calib, d, method=opts.method, device=device, seed=opts.seed)
+    timings["factors"] = time.perf_counter() - t0
+    log.info(f"factors: d={d} by {factors.method} on {factors.n_samples} samples "
+             f"(λ1..λ{d + 1} = {np.array2string(factors.singular_values, precision=4)})")
+
+    accuracy_before = evaluate(model, ds.test, device=device)
+    t0 = time.perf_counter()
+    calib_x = _Reiter(lambda: (x.to(device) for x, _ in ds.train.batches(512, calib_idx)))
+    fn, analysis = build_fn_model(model, factors, calib_x, example)
+    timings["calibration"] = time.perf_counter() - t0
+    accuracy_calibrated = evaluate(fn, ds.test, device=device)
+    log.info(f"accuracy: original {accuracy_before:.4f}, FN after calibration {accuracy_calibrated:.4f}")
+
+    run_hash = config_hash({"model": loaded.sha256, "data": str(opts.data), "d": d, "train": train_config_dict(cfg),
+                            "calib": opts.calib_samples, "normalize": opts.normalize, "method": opts.method})
+    # ---- from here on the output folder exists -------------------------------------------------------------
+    if out.is_dir() and opts.force and not opts.resume:
+        _clear_previous(out)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(out)
+    history: list[dict] = []
+    if epochs > 0:
+        t0 = time.perf_counter()
+        history = finetune(fn, ds, cfg, factors.singular_values, device=device, checkpoint_dir=out / "checkpoints",
+                           run_hash=run_hash, resume=opts.resume, log=log)
+        timings["finetune"] = time.perf_counter() - t0
+    accuracy_after = history[-1]["test_accuracy"] if history else accuracy_calibrated
+
+    t0 = time.perf_counter()
+    deploy = fn.deploy().cpu()
+    example_cpu = next(ds.test.batches(2))[0]
+    rates = adaptive_rates(factors.singular_values, cfg.alpha)
+    preprocessing = ds.train.pre.to_dict()
+    metadata = {
+        "fnconvert.version": __version__, "fnconvert.factors": str(d),
+        "fnconvert.singular_values": [float(s) for s in factors.singular_values],
+        "fnconvert.preprocessing": preprocessing, "fnconvert.output": analysis.tail,
+        "fnconvert.source_sha256": loaded.sha256, "fnconvert.input_shape": list(ds.train.input_shape),
+    }
+    export_onnx(deploy, example_cpu, out / "model_fn.onnx", opset=opts.opset, metadata=metadata)
+    export_torchscript(deploy, example_cpu, out / "model_fn.pt")
+    pt2_skipped = export_pt2(deploy, example_cpu, out / "model_fn.pt2")
+    if pt2_skipped:
+        log.info(f"model_fn.pt2 not written: {pt2_skipped}")
+    factors.save(out / "factors.safetensors")
+    factors.save(out / "factors.npz")
+    timings["export"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    check = compare(open_session(out / "model_fn.onnx", opts.provider), deploy, ds.test, atol=opts.atol)
+    timings["verify"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_all
+
+    import onnxruntime
+
+    report = {
+        "fnconvert_version": __version__,
+        "source": loaded.source_dict(),
+        "data": ds.source | {"name": ds.name, "train_samples": len(ds.train), "test_samples": len(ds.test)},
+        "factors": d,
+        "factors_choice": d_reason,
+        "factor_method": factors.method,
+        "singular_values": [float(s) for s in factors.singular_values],
+        "explained_variance_ratio": [float(s) for s in factors.explained_variance_ratio()],
+        "lr": {"alpha": cfg.alpha, "residual": rates["residual"], "factor": rates["factor"],
+               "optimizer": cfg.optimizer, "schedule": cfg.schedule},
+        "preprocessing": preprocessing,
+        "calibration_samples": int(len(calib_idx)),
+        "input": {"name": "input", "shape": ["batch", *ds.train.input_shape], "dtype": "float32"},
+        "output": {"name": "output", "classes": analysis.num_classes, "activation": analysis.tail,
+                   "final_layer": analysis.dense_op},
+        "accuracy_before": accuracy_before,
+        "accuracy_calibrated": accuracy_calibrated,
+        "accuracy_after": accuracy_after,
+        "accuracy_onnx": check["accuracy"],
+        "epochs": history,
+        "train": train_config_dict(cfg) | {"device": device},
+        "onnx_max_abs_diff": check["max_abs_diff"],
+        "verification": check,
+        "artifacts": [a for a in ARTIFACTS if (out / a).exists() or a == "report.json"],
+        "pt2_skipped": pt2_skipped,
+        "world_size": 1,
+        "seconds": {k: round(v, 3) for k, v in timings.items()},
+        "environment": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                        "python": platform.python_version(), "device": device},
+    }
+    write_json(report, out / "report.json")
+    if not check["passed"]:
+        raise VerificationError(
+            f"model_fn.onnx differs from the torch FN model by {check['max_abs_diff']:.3g} > --atol {opts.atol}; "
+            f"the report in {out / 'report.json'} records the failure"
+        )
+    log.info(f"wrote {out}: accuracy {accuracy_before:.4f} → {accuracy_after:.4f}; onnx max |diff| "
+             f"{check['max_abs_diff']:.2e}")
+    return report
+
+
+class _Reiter:
+    """Turn a generator factory into a re-iterable."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self):
+        return iter(self.make())
+
+
+def _check_labels(ds, num_classes: int) -> None:
+    for name, split in (("train", ds.train), ("test", ds.test)):
+        top = int(split.y.max(initial=0))
+        if top >= num_classes:
+            i = int(np.argmax(split.y >= num_classes))
+            raise FnconvertError(
+                f"{name} label {top} (sample {i}) is out of range for a model with {num_classes} outputs; "
+                "labels must be 0 … classes-1: check the data matches the model"
+            )
+
+
+def _clear_previous(out: Path) -> None:
+    """--force: drop the previous result's files (checkpoints included) so nothing stale mixes in."""
+    for name in ARTIFACTS:
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+def write_factors(data, out, d: int, *, calib_samples=None, method="auto", device="auto", seed=0, normalize=None,
+                  data_dir=None, log: Log = NULL_LOG) -> dict:
+    """``fnconvert factors``: fit the factors of ``data``'s training inputs and write them to ``out``."""
+    from .data import load_data
+    from .factors import fit_factors
+
+    out = Path(out)
+    if out.suffix not in (".safetensors", ".npz"):
+        raise FnconvertError(f"--out {out} must end in .safetensors or .npz")
+    if not out.parent.is_dir():
+        raise FnconvertError(f"--out {out}: the folder {out.parent} does not exist; create it first")
+    ds = load_data(data, data_dir=data_dir, normalize=normalize)
+    idx = ds.calibration_indices(calib_samples, seed)
+    factors = fit_factors(ds.train.flat_batches(512, idx), d, method=method, device=resolve_device(device), seed=seed)
+    factors.save(out)
+    log.info(f"wrote {out}: d={d}, {factors.method}, {factors.n_samples} samples")
+    return {"path": str(out), "factors": d, "method": factors.method, "n_samples": factors.n_samples,
+            "p": factors.p, "singular_values": [float(s) for s in factors.singular_values],
+            "explained_variance_ratio": [float(s) for s in factors.explained_variance_ratio()],
+            "preprocessing": ds.train.pre.to_dict()}
+
+
+def inspect_source(source, *, max_factors=10, plot=None, calib_samples=None, device="auto", seed=0, normalize=None,
+                   data_dir=None) -> dict:
+    """``fnconvert inspect``: the spectrum of a data set's inputs, or of a saved factors file."""
+    from .factors import Factors
+    from .inspect import inspect_spectrum, plot_spectrum
+
+    if max_factors < 1:
+        raise FnconvertError(f"--max-factors {max_factors} must be ≥ 1")
+    path = Path(str(source))
+    if path.is_file() and path.suffix in (".safetensors", ".npz") and _is_factors_file(path):
+        info = inspect_spectrum(Factors.load(path), max_factors)
+    else:
+        from .data import load_data
+
+        ds = load_data(source, data_dir=data_dir, normalize=normalize)
+        idx = ds.calibration_indices(calib_samples, seed)
+        info = inspect_spectrum(ds.train.flat_batches(512, idx), max_factors, seed=seed, device=resolve_device(device))
+    if plot is not None:
+        plot_spectrum(info, plot, chosen_d=info.get("suggested_factors"))
+        info["plot"] = str(plot)
+    return info
+
+
+def _is_factors_file(path: Path) -> bool:
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return "V" in z.files and "singular_values" in z.files
+        except Exception:  # not an npz at all: let the data loader report it
+            return False
+    return True
