@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import FnconvertError
+from .log import jit_deprecation_silenced
 
 TMP_PREFIX = ".fnconvert-tmp-"
 ONNX_INPUT = "input"
@@ -53,7 +54,10 @@ def write_json(obj: dict, final: Path) -> None:
 
 def _scriptable(deploy: torch.nn.Module) -> torch.nn.Module:
     # A Python wrapper around a TorchScript body cannot be traced ("not part of the active trace"): script it.
-    return torch.jit.script(deploy) if isinstance(deploy.body, torch.jit.ScriptModule) else deploy
+    if not isinstance(deploy.body, torch.jit.ScriptModule):
+        return deploy
+    with jit_deprecation_silenced():
+        return torch.jit.script(deploy)
 
 
 def export_onnx(deploy: torch.nn.Module, example: torch.Tensor, final: Path, *, opset: int = 17,
@@ -88,7 +92,7 @@ def export_onnx(deploy: torch.nn.Module, example: torch.Tensor, final: Path, *, 
 
 
 def export_torchscript(deploy: torch.nn.Module, example: torch.Tensor, final: Path) -> None:
-    with atomic_path(final) as tmp:
+    with atomic_path(final) as tmp, jit_deprecation_silenced():
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             if isinstance(deploy.body, torch.jit.ScriptModule):
@@ -115,3 +119,72 @@ def export_pt2(deploy: torch.nn.Module, example: torch.Tensor, final: Path) -> s
 def _short(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return (text[:240] + "…") if len(text) > 240 else (text or type(e).__name__)
+
+
+def plot_curves(history: list[dict], final: Path, *, accuracy_before: float | None = None) -> None:
+    """curves.png: training loss and test accuracy per epoch (headless matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    epochs = [h["epoch"] for h in history]
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", color="tab:red", label="FN")
+    ax1.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    ax2.plot(epochs, [h["test_accuracy"] for h in history], "o-", color="tab:red", label="FN")
+    if accuracy_before is not None:
+        ax2.axhline(accuracy_before, ls="--", color="tab:blue", label="original model")
+    ax2.set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy")
+    ax2.legend()
+    if not history:
+        for ax in (ax1, ax2):
+            ax.text(0.5, 0.5, "no fine-tuning (--no-finetune)", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    with atomic_path(final) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_report_md(report: dict, final: Path) -> None:
+    """report.md: the run summarised for a person."""
+    r = report
+    sv = ", ".join(f"{s:.4g}" for s in r["singular_values"])
+    evr = ", ".join(f"{e:.2%}" for e in r["explained_variance_ratio"])
+    lines = [
+        f"# fnconvert report — {Path(r['source']['path']).name}",
+        "",
+        f"- Source: `{r['source']['path']}` ({r['source']['format']}, sha256 `{r['source']['sha256'][:16]}…`)",
+        f"- Data: {r['data'].get('name')} — {r['data']['train_samples']} train / {r['data']['test_samples']} test; "
+        f"calibration on {r['calibration_samples']} samples",
+        f"- Preprocessing: scale {r['preprocessing']['scale']}, normalize {r['preprocessing']['normalize']}",
+        f"- Factors: d = {r['factors']} ({r['factors_choice']}), method {r['factor_method']}",
+        f"- Singular values λ1..λ{r['factors'] + 1}: {sv}; explained variance {evr}",
+        f"- Rates: factor {', '.join(f'{x:.3g}' for x in r['lr']['factor'])}, residual {r['lr']['residual']:.3g} "
+        f"({r['lr']['optimizer']}, {r['lr']['schedule']})",
+        "",
+        "| | accuracy |",
+        "|---|---|",
+        f"| original model | {r['accuracy_before']:.4f} |",
+        f"| FN, calibrated head only | {r['accuracy_calibrated']:.4f} |",
+        f"| FN after fine-tuning | {r['accuracy_after']:.4f} |",
+        f"| model_fn.onnx in onnxruntime | {r['accuracy_onnx']:.4f} |",
+        "",
+    ]
+    if r["epochs"]:
+        lines += ["| epoch | train loss | test accuracy | seconds |", "|---|---|---|---|"]
+        lines += [f"| {e['epoch']} | {e['train_loss']:.4f} | {e['test_accuracy']:.4f} | {e['seconds']:.1f} |"
+                  for e in r["epochs"]]
+        lines.append("")
+    v = r["verification"]
+    lines += [
+        f"Verification: onnxruntime ({v['provider']}) vs torch, max |diff| {v['max_abs_diff']:.3g} "
+        f"(atol {v['atol']}) at batch sizes {v['batch_sizes']}: **{'passed' if v['passed'] else 'FAILED'}**.",
+        "",
+        "Artifacts: " + ", ".join(f"`{a}`" for a in r["artifacts"]) + ".",
+        "",
+        "![curves](curves.png) ![spectrum](spectrum.png)",
+        "",
+    ]
+    with atomic_path(final) as tmp:
+        tmp.write_text("\n".join(lines))

@@ -39,3 +39,17 @@ class Log:
 
 
 NULL_LOG = Log(quiet=True)
+
+
+@contextlib.contextmanager
+def jit_deprecation_silenced():
+    """torch 2.14 marks torch.jit.* deprecated with a FutureWarning on every call.
+
+    fnconvert reads TorchScript and writes model_fn.pt because users ask for it; the README says to prefer
+    model_fn.pt2 / model_fn.onnx. Only that one known message is silenced, nothing else.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        yield

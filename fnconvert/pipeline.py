@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FnconvertError, VerificationError
-from .log import NULL_LOG, Log
+from .log import NULL_LOG, Log, jit_deprecation_silenced
 
-ARTIFACTS = ("model_fn.onnx", "model_fn.pt", "model_fn.pt2", "factors.safetensors", "factors.npz", "report.json")
+ARTIFACTS = ("model_fn.onnx", "model_fn.pt", "model_fn.pt2", "factors.safetensors", "factors.npz", "spectrum.png",
+             "curves.png", "report.md", "report.json")
+SPECTRUM_FACTORS = 10  # factors fitted for the spectrum plot and --factors auto
 
 
 @dataclass
@@ -24,7 +26,7 @@ class TransformOptions:
     factors: int | str = 1  # an int, or "auto"
     epochs: int = 3
     no_finetune: bool = False
-    optimizer: str = "sgd"
+    optimizer: str = "adam"
     lr: float | None = None
     schedule: str = "inv-sqrt"
     batch_size: int = 128
@@ -69,8 +71,9 @@ def transform(opts: TransformOptions, log: Log = NULL_LOG) -> dict:
 
     from . import __version__
     from .data import load_data
-    from .export import clean_stale_tmp, export_onnx, export_pt2, export_torchscript, write_json
-    from .factors import fit_factors
+    from .export import (clean_stale_tmp, export_onnx, export_pt2, export_torchscript, plot_curves, write_json,
+                         write_report_md)
+    from .inspect import inspect_spectrum, plot_spectrum
     from .finetune import TrainConfig, adaptive_rates, config_hash, evaluate, finetune, train_config_dict
     from .models import load_model
     from .surgery import analyze_output, build_fn_model
@@ -94,7 +97,8 @@ def transform(opts: TransformOptions, log: Log = NULL_LOG) -> dict:
     torch.manual_seed(opts.seed)
 
     ds = load_data(opts.data, data_dir=opts.data_dir, normalize=opts.normalize)
-    loaded = load_model(opts.model, arch=opts.arch, trust_model_code=opts.trust_model_code)
+    with jit_deprecation_silenced():
+        loaded = load_model(opts.model, arch=opts.arch, trust_model_code=opts.trust_model_code)
     if loaded.format == "onnx":
         from .onnx_io import transform_onnx
 
@@ -107,16 +111,10 @@ def transform(opts: TransformOptions, log: Log = NULL_LOG) -> dict:
              f"{'logits' if analysis.tail == 'none' else analysis.tail} after {analysis.dense_op}")
 
     calib_idx = ds.calibration_indices(opts.calib_samples, opts.seed)
-    calib = ds.train.flat_batches(512, calib_idx)
     t0 = time.perf_counter()
-    if d_auto:
-        from .inspect import choose_factors
-
-        probe = fit_factors(calib, min(10, ds.train.n_features - 1), method=opts.method, device=device, seed=opts.seed)
-        d, d_reason = choose_factors(probe)
-    else:
-        d, d_reason = int(opts.factors), "given by --factors"
-    factors = fit_factors(calib, d, method=opts.method, device=device, seed=opts.seed)
+    factors, spectrum, d_reason = fit_for_transform(
+        ds.train.flat_batches(512, calib_idx), opts.factors, method=opts.method, device=device, seed=opts.seed)
+    d = factors.d
     timings["factors"] = time.perf_counter() - t0
     log.info(f"factors: d={d} by {factors.method} on {factors.n_samples} samples "
              f"(λ1..λ{d + 1} = {np.array2string(factors.singular_values, precision=4)})")
@@ -162,6 +160,8 @@ def transform(opts: TransformOptions, log: Log = NULL_LOG) -> dict:
         log.info(f"model_fn.pt2 not written: {pt2_skipped}")
     factors.save(out / "factors.safetensors")
     factors.save(out / "factors.npz")
+    plot_spectrum(inspect_spectrum(spectrum, spectrum.d), out / "spectrum.png", chosen_d=d)
+    plot_curves(history, out / "curves.png", accuracy_before=accuracy_before)
     timings["export"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -202,7 +202,8 @@ def transform(opts: TransformOptions, log: Log = NULL_LOG) -> dict:
         "environment": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                         "python": platform.python_version(), "device": device},
     }
-    write_json(report, out / "report.json")
+    write_report_md(report, out / "report.md")
+    write_json(report, out / "report.json")  # last: its presence marks a complete result
     if not check["passed"]:
         raise VerificationError(
             f"model_fn.onnx differs from the torch FN model by {check['max_abs_diff']:.3g} > --atol {opts.atol}; "
@@ -211,6 +212,36 @@ def transform(opts: TransformOptions, log: Log = NULL_LOG) -> dict:
     log.info(f"wrote {out}: accuracy {accuracy_before:.4f} → {accuracy_after:.4f}; onnx max |diff| "
              f"{check['max_abs_diff']:.2e}")
     return report
+
+
+def fit_for_transform(calib, factors_opt, *, method: str, device: str, seed: int):
+    """Fit once for both the chosen d and the spectrum: (factors with d, factors with K ≥ d, why this d).
+
+    The top-K fit holds the top-d one: V_d, B̂_d and λ1..λ_{d+1} are its leading columns/rows (B̂'s rows decouple
+    because the factor scores are orthogonal). So one pass serves --factors auto, the spectrum plot and the model.
+    """
+    from dataclasses import replace
+
+    from .factors import fit_factors
+    from .inspect import choose_factors
+
+    d_auto = factors_opt == "auto"
+    want = None if d_auto else int(factors_opt)
+    try:
+        spectrum = fit_factors(calib, max(SPECTRUM_FACTORS, want or 1), method=method, device=device, seed=seed)
+    except FnconvertError:
+        if d_auto:
+            raise
+        spectrum = None  # the data's rank is below K: fit exactly d (which reports d's own rank problem, if any)
+    if d_auto:
+        d, reason = choose_factors(spectrum, SPECTRUM_FACTORS)
+    else:
+        d, reason = want, "given by --factors"
+    if spectrum is None:
+        spectrum = fit_factors(calib, d, method=method, device=device, seed=seed)
+    factors = replace(spectrum, V=spectrum.V[:, :d].copy(), B=spectrum.B[:d].copy(),
+                      singular_values=spectrum.singular_values[: d + 1].copy())
+    return factors, spectrum, reason
 
 
 class _Reiter:
