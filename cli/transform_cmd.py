@@ -38,6 +38,7 @@ def transform(
     provider: Annotated[str, typer.Option(help="onnxruntime provider for verification: auto | cpu | cuda.")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty --out.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoints after a kill.")] = False,
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="torch deterministic algorithms; names any op that refuses.")] = False,
     config: Annotated[Optional[Path], typer.Option(help="TOML file whose keys are these options; flags override it.", **ExistingFile)] = None,
     save_config: Annotated[Optional[Path], typer.Option(help="Write the effective configuration as TOML.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print report.json to stdout.")] = False,
@@ -61,7 +62,7 @@ def transform(
         values["model"] = str(model)
         log = make_log(values.pop("quiet"), verbose)
         report = run(TransformOptions(**values), log)
-        if json_out:
+        if json_out and report is not None:  # None on torchrun ranks other than 0
             print_json(report)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FnconvertError, VerificationError
+from .distributed import init_from_env, shutdown
 from .log import NULL_LOG, Log, jit_deprecation_silenced
 
 ARTIFACTS = ("model_fn.onnx", "model_fn.pt", "model_fn.pt2", "factors.safetensors", "factors.npz", "spectrum.png",
@@ -42,6 +44,7 @@ class TransformOptions:
     atol: float = 1e-4
     force: bool = False
     resume: bool = False
+    deterministic: bool = False
     provider: str = "auto"
     extra: dict = field(default_factory=dict)
 
@@ -65,19 +68,14 @@ def _check_out(out: Path, force: bool, resume: bool) -> None:
         raise FnconvertError(f"--out {out} is not empty; pass --force to overwrite, or choose another folder")
 
 
-def transform(opts: TransformOptions, log: Log = NULL_LOG) -> dict:
-    """Convert ``opts.model`` to its FN form; returns the report (also written to ``OUT/report.json``)."""
+def transform(opts: TransformOptions, log: Log = NULL_LOG) -> dict | None:
+    """Convert ``opts.model`` to its FN form; returns the report (also written to ``OUT/report.json``).
+
+    Under torchrun only rank 0 returns the report; the other ranks return None.
+    """
     import torch
 
-    from . import __version__
-    from .data import load_data
-    from .export import (clean_stale_tmp, export_onnx, export_pt2, export_torchscript, plot_curves, write_json,
-                         write_report_md)
-    from .inspect import inspect_spectrum, plot_spectrum
-    from .finetune import TrainConfig, adaptive_rates, config_hash, evaluate, finetune, train_config_dict
-    from .models import load_model
-    from .surgery import analyze_output, build_fn_model
-    from .verify import compare, open_session
+    from .finetune import TrainConfig
 
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -95,6 +93,40 @@ def transform(opts: TransformOptions, log: Log = NULL_LOG) -> dict:
         raise FnconvertError(f"--factors {opts.factors!r} must be a positive integer or 'auto'")
     device = resolve_device(opts.device)
     torch.manual_seed(opts.seed)
+    ctx, device = init_from_env(device)  # torchrun: join the process group; each rank gets its shard below
+    if ctx.active:
+        log = Log(quiet=log.quiet, verbose=log.verbose, stream=log.stream, rank=ctx.rank)
+    if opts.deterministic:
+        # cuBLAS needs this workspace setting for deterministic GEMMs; it must be set before the first CUDA call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    try:
+        return _transform(opts, log, ctx, device, out, cfg, timings, t_all)
+    except RuntimeError as e:
+        if opts.deterministic and "deterministic" in str(e):
+            first = str(e).strip().splitlines()[0]
+            raise FnconvertError(f"--deterministic: an op refused: {first}; drop --deterministic, or use --device cpu")
+        raise
+    finally:
+        if opts.deterministic:
+            torch.use_deterministic_algorithms(False)
+        shutdown(ctx)
+
+
+def _transform(opts, log, ctx, device, out, cfg, timings, t_all) -> dict | None:
+    import torch
+
+    from . import __version__
+    from .data import load_data
+    from .export import (clean_stale_tmp, export_onnx, export_pt2, export_torchscript, plot_curves, write_json,
+                         write_report_md)
+    from .inspect import inspect_spectrum, plot_spectrum
+    from .finetune import adaptive_rates, config_hash, evaluate, finetune, train_config_dict
+    from .models import load_model
+    from .surgery import analyze_output, build_fn_model
+    from .verify import compare, open_session
+
+    epochs = cfg.epochs
 
     ds = load_data(opts.data, data_dir=opts.data_dir, normalize=opts.normalize)
     with jit_deprecation_silenced():
@@ -111,36 +143,43 @@ def transform(opts: TransformOptions, log: Log = NULL_LOG) -> dict:
              f"{'logits' if analysis.tail == 'none' else analysis.tail} after {analysis.dense_op}")
 
     calib_idx = ds.calibration_indices(opts.calib_samples, opts.seed)
+    my_calib = ctx.shard(calib_idx)  # under torchrun each rank streams its shard; the sums are all-reduced
     t0 = time.perf_counter()
     factors, spectrum, d_reason = fit_for_transform(
-        ds.train.flat_batches(512, calib_idx), opts.factors, method=opts.method, device=device, seed=opts.seed)
+        ds.train.flat_batches(512, my_calib), opts.factors, method=opts.method, device=device, seed=opts.seed)
     d = factors.d
     timings["factors"] = time.perf_counter() - t0
     log.info(f"factors: d={d} by {factors.method} on {factors.n_samples} samples "
              f"(λ1..λ{d + 1} = {np.array2string(factors.singular_values, precision=4)})")
 
-    accuracy_before = evaluate(model, ds.test, device=device)
+    test_idx = ctx.shard(np.arange(len(ds.test)))
+    accuracy_before = evaluate(model, ds.test, device=device, indices=test_idx)
     t0 = time.perf_counter()
-    calib_x = _Reiter(lambda: (x.to(device) for x, _ in ds.train.batches(512, calib_idx)))
+    calib_x = _Reiter(lambda: (x.to(device) for x, _ in ds.train.batches(512, my_calib)))
     fn, analysis = build_fn_model(model, factors, calib_x, example)
     timings["calibration"] = time.perf_counter() - t0
-    accuracy_calibrated = evaluate(fn, ds.test, device=device)
+    accuracy_calibrated = evaluate(fn, ds.test, device=device, indices=test_idx)
     log.info(f"accuracy: original {accuracy_before:.4f}, FN after calibration {accuracy_calibrated:.4f}")
 
     run_hash = config_hash({"model": loaded.sha256, "data": str(opts.data), "d": d, "train": train_config_dict(cfg),
                             "calib": opts.calib_samples, "normalize": opts.normalize, "method": opts.method})
-    # ---- from here on the output folder exists -------------------------------------------------------------
-    if out.is_dir() and opts.force and not opts.resume:
-        _clear_previous(out)
-    out.mkdir(parents=True, exist_ok=True)
-    clean_stale_tmp(out)
+    # ---- from here on the output folder exists (rank 0 alone writes) -----------------------------------------
+    if ctx.is_main:
+        if out.is_dir() and opts.force and not opts.resume:
+            _clear_previous(out)
+        out.mkdir(parents=True, exist_ok=True)
+        clean_stale_tmp(out)
+    ctx.barrier()
     history: list[dict] = []
     if epochs > 0:
         t0 = time.perf_counter()
         history = finetune(fn, ds, cfg, factors.singular_values, device=device, checkpoint_dir=out / "checkpoints",
-                           run_hash=run_hash, resume=opts.resume, log=log)
+                           run_hash=run_hash, resume=opts.resume, log=log, dist_ctx=ctx)
         timings["finetune"] = time.perf_counter() - t0
     accuracy_after = history[-1]["test_accuracy"] if history else accuracy_calibrated
+    if not ctx.is_main:
+        ctx.barrier()  # wait for rank 0 to export and verify, so torchrun sees every rank finish together
+        return None  # only rank 0 reports
 
     t0 = time.perf_counter()
     deploy = fn.deploy().cpu()
@@ -195,15 +234,16 @@ def transform(opts: TransformOptions, log: Log = NULL_LOG) -> dict:
         "train": train_config_dict(cfg) | {"device": device},
         "onnx_max_abs_diff": check["max_abs_diff"],
         "verification": check,
-        "artifacts": [a for a in ARTIFACTS if (out / a).exists() or a == "report.json"],
+        "artifacts": [a for a in ARTIFACTS if (out / a).exists() or a in ("report.md", "report.json")],
         "pt2_skipped": pt2_skipped,
-        "world_size": 1,
+        "world_size": ctx.world_size,
         "seconds": {k: round(v, 3) for k, v in timings.items()},
         "environment": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                         "python": platform.python_version(), "device": device},
     }
     write_report_md(report, out / "report.md")
     write_json(report, out / "report.json")  # last: its presence marks a complete result
+    ctx.barrier()
     if not check["passed"]:
         raise VerificationError(
             f"model_fn.onnx differs from the torch FN model by {check['max_abs_diff']:.3g} > --atol {opts.atol}; "

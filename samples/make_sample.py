@@ -43,7 +43,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data" / "cifar10-dev.npz")
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--out-dir", type=Path, default=HERE, help="where to write the two files (default: samples/)")
     args = ap.parse_args()
+    out_dir = args.out_dir
     torch.manual_seed(0)
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -70,11 +72,11 @@ def main() -> None:
 
     # clone(): a slice would drag the whole test tensor into the archive as the sample input
     ep = torch.export.export(model, (xt[:2].clone(),), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    torch.export.save(ep, HERE / "cnn_cifar10.pt2")
+    torch.export.save(ep, out_dir / "cnn_cifar10.pt2")
     tr, te = stratified(ytr, 100, rng), stratified(yte, 30, rng)
-    np.savez_compressed(HERE / "cifar10-sample.npz", x_train=xtr[tr], y_train=ytr[tr], x_test=xte[te],
+    np.savez_compressed(out_dir / "cifar10-sample.npz", x_train=xtr[tr], y_train=ytr[tr], x_test=xte[te],
                         y_test=yte[te], classes=classes)
-    print(f"wrote {HERE / 'cnn_cifar10.pt2'} and {HERE / 'cifar10-sample.npz'}")
+    print(f"wrote {out_dir / 'cnn_cifar10.pt2'} and {out_dir / 'cifar10-sample.npz'}")
 
 
 if __name__ == "__main__":
