@@ -178,7 +178,8 @@ def write_report_md(report: dict, final: Path) -> None:
         lines.append("")
     v = r["verification"]
     lines += [
-        f"Verification: onnxruntime ({v['provider']}) vs torch, max |diff| {v['max_abs_diff']:.3g} "
+        f"Verification: onnxruntime ({v['provider']}) vs the {v.get('reference', 'torch FN model')}, "
+        f"max |diff| {v['max_abs_diff']:.3g} "
         f"(atol {v['atol']}) at batch sizes {v['batch_sizes']}: **{'passed' if v['passed'] else 'FAILED'}**.",
         "",
         "Artifacts: " + ", ".join(f"`{a}`" for a in r["artifacts"]) + ".",

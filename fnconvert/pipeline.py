@@ -114,14 +114,9 @@ def transform(opts: TransformOptions, log: Log = NULL_LOG) -> dict | None:
 
 
 def _transform(opts, log, ctx, device, out, cfg, timings, t_all) -> dict | None:
-    import torch
-
-    from . import __version__
     from .data import load_data
-    from .export import (clean_stale_tmp, export_onnx, export_pt2, export_torchscript, plot_curves, write_json,
-                         write_report_md)
-    from .inspect import inspect_spectrum, plot_spectrum
-    from .finetune import adaptive_rates, config_hash, evaluate, finetune, train_config_dict
+    from .export import export_onnx, export_pt2, export_torchscript
+    from .finetune import config_hash, evaluate, finetune, train_config_dict
     from .models import load_model
     from .surgery import analyze_output, build_fn_model
     from .verify import compare, open_session
@@ -165,10 +160,7 @@ def _transform(opts, log, ctx, device, out, cfg, timings, t_all) -> dict | None:
                             "calib": opts.calib_samples, "normalize": opts.normalize, "method": opts.method})
     # ---- from here on the output folder exists (rank 0 alone writes) -----------------------------------------
     if ctx.is_main:
-        if out.is_dir() and opts.force and not opts.resume:
-            _clear_previous(out)
-        out.mkdir(parents=True, exist_ok=True)
-        clean_stale_tmp(out)
+        open_out(out, opts)
     ctx.barrier()
     history: list[dict] = []
     if epochs > 0:
@@ -176,7 +168,6 @@ def _transform(opts, log, ctx, device, out, cfg, timings, t_all) -> dict | None:
         history = finetune(fn, ds, cfg, factors.singular_values, device=device, checkpoint_dir=out / "checkpoints",
                            run_hash=run_hash, resume=opts.resume, log=log, dist_ctx=ctx)
         timings["finetune"] = time.perf_counter() - t0
-    accuracy_after = history[-1]["test_accuracy"] if history else accuracy_calibrated
     if not ctx.is_main:
         ctx.barrier()  # wait for rank 0 to export and verify, so torchrun sees every rank finish together
         return None  # only rank 0 reports
@@ -184,48 +175,95 @@ def _transform(opts, log, ctx, device, out, cfg, timings, t_all) -> dict | None:
     t0 = time.perf_counter()
     deploy = fn.deploy().cpu()
     example_cpu = next(ds.test.batches(2))[0]
-    rates = adaptive_rates(factors.singular_values, cfg.alpha)
-    preprocessing = ds.train.pre.to_dict()
-    metadata = {
-        "fnconvert.version": __version__, "fnconvert.factors": str(d),
-        "fnconvert.singular_values": [float(s) for s in factors.singular_values],
-        "fnconvert.preprocessing": preprocessing, "fnconvert.output": analysis.tail,
-        "fnconvert.source_sha256": loaded.sha256, "fnconvert.input_shape": list(ds.train.input_shape),
-    }
-    export_onnx(deploy, example_cpu, out / "model_fn.onnx", opset=opts.opset, metadata=metadata)
+    export_onnx(deploy, example_cpu, out / "model_fn.onnx", opset=opts.opset,
+                metadata=fn_metadata(loaded, ds, factors, analysis.tail))
     export_torchscript(deploy, example_cpu, out / "model_fn.pt")
     pt2_skipped = export_pt2(deploy, example_cpu, out / "model_fn.pt2")
     if pt2_skipped:
         log.info(f"model_fn.pt2 not written: {pt2_skipped}")
-    factors.save(out / "factors.safetensors")
-    factors.save(out / "factors.npz")
-    plot_spectrum(inspect_spectrum(spectrum, spectrum.d), out / "spectrum.png", chosen_d=d)
-    plot_curves(history, out / "curves.png", accuracy_before=accuracy_before)
+    write_statistics(out, factors, spectrum, history, accuracy_before)
     timings["export"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     check = compare(open_session(out / "model_fn.onnx", opts.provider), deploy, ds.test, atol=opts.atol)
     timings["verify"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
+    return finish(out, opts, log, loaded=loaded, ds=ds, factors=factors, d_reason=d_reason, cfg=cfg,
+                  calib_samples=len(calib_idx), accuracy_before=accuracy_before,
+                  accuracy_calibrated=accuracy_calibrated, history=history, check=check, pt2_skipped=pt2_skipped,
+                  timings=timings, device=device, world_size=ctx.world_size, barrier=ctx.barrier,
+                  input_info={"name": "input", "shape": ["batch", *ds.train.input_shape], "dtype": "float32"},
+                  output_info={"name": "output", "classes": analysis.num_classes, "activation": analysis.tail,
+                               "final_layer": analysis.dense_op})
 
+
+# ---- the steps both sources share (PyTorch here, ONNX in onnx_io.transform_onnx) -----------------------------
+
+
+def open_out(out: Path, opts, also: tuple[str, ...] = ()) -> None:
+    """Make ``out`` ready to write: on --force (without --resume) drop a previous result (and ``also``) first."""
+    from .export import clean_stale_tmp
+
+    if out.is_dir() and opts.force and not opts.resume:
+        _clear_previous(out)
+        for name in also:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(out)
+
+
+def fn_metadata(loaded, ds, factors, tail: str) -> dict:
+    """The metadata_props every model_fn.onnx carries."""
+    from . import __version__
+
+    return {
+        "fnconvert.version": __version__, "fnconvert.factors": str(factors.d),
+        "fnconvert.singular_values": [float(s) for s in factors.singular_values],
+        "fnconvert.preprocessing": ds.train.pre.to_dict(), "fnconvert.output": tail,
+        "fnconvert.source_sha256": loaded.sha256, "fnconvert.input_shape": list(ds.train.input_shape),
+    }
+
+
+def write_statistics(out: Path, factors, spectrum, history: list[dict], accuracy_before: float) -> None:
+    """factors.safetensors, factors.npz, spectrum.png and curves.png."""
+    from .export import plot_curves
+    from .inspect import inspect_spectrum, plot_spectrum
+
+    factors.save(out / "factors.safetensors")
+    factors.save(out / "factors.npz")
+    plot_spectrum(inspect_spectrum(spectrum, spectrum.d), out / "spectrum.png", chosen_d=factors.d)
+    plot_curves(history, out / "curves.png", accuracy_before=accuracy_before)
+
+
+def finish(out: Path, opts, log: Log, *, loaded, ds, factors, d_reason: str, cfg, calib_samples: int,
+           accuracy_before: float, accuracy_calibrated: float, history: list[dict], check: dict, pt2_skipped,
+           timings: dict, device: str, input_info: dict, output_info: dict, world_size: int = 1,
+           barrier=lambda: None, source_extra: dict | None = None, reference: str = "torch FN model") -> dict:
+    """Write report.md and report.json (last: its presence marks a complete result), then apply the gate."""
     import onnxruntime
+    import torch
 
+    from . import __version__
+    from .export import write_json, write_report_md
+    from .finetune import adaptive_rates, train_config_dict
+
+    rates = adaptive_rates(factors.singular_values, cfg.alpha)
+    accuracy_after = history[-1]["test_accuracy"] if history else accuracy_calibrated
     report = {
         "fnconvert_version": __version__,
-        "source": loaded.source_dict(),
+        "source": loaded.source_dict() | (source_extra or {}),
         "data": ds.source | {"name": ds.name, "train_samples": len(ds.train), "test_samples": len(ds.test)},
-        "factors": d,
+        "factors": factors.d,
         "factors_choice": d_reason,
         "factor_method": factors.method,
         "singular_values": [float(s) for s in factors.singular_values],
         "explained_variance_ratio": [float(s) for s in factors.explained_variance_ratio()],
         "lr": {"alpha": cfg.alpha, "residual": rates["residual"], "factor": rates["factor"],
                "optimizer": cfg.optimizer, "schedule": cfg.schedule},
-        "preprocessing": preprocessing,
-        "calibration_samples": int(len(calib_idx)),
-        "input": {"name": "input", "shape": ["batch", *ds.train.input_shape], "dtype": "float32"},
-        "output": {"name": "output", "classes": analysis.num_classes, "activation": analysis.tail,
-                   "final_layer": analysis.dense_op},
+        "preprocessing": ds.train.pre.to_dict(),
+        "calibration_samples": int(calib_samples),
+        "input": input_info,
+        "output": output_info,
         "accuracy_before": accuracy_before,
         "accuracy_calibrated": accuracy_calibrated,
         "accuracy_after": accuracy_after,
@@ -233,20 +271,20 @@ def _transform(opts, log, ctx, device, out, cfg, timings, t_all) -> dict | None:
         "epochs": history,
         "train": train_config_dict(cfg) | {"device": device},
         "onnx_max_abs_diff": check["max_abs_diff"],
-        "verification": check,
+        "verification": check | {"reference": reference},
         "artifacts": [a for a in ARTIFACTS if (out / a).exists() or a in ("report.md", "report.json")],
         "pt2_skipped": pt2_skipped,
-        "world_size": ctx.world_size,
+        "world_size": world_size,
         "seconds": {k: round(v, 3) for k, v in timings.items()},
         "environment": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                         "python": platform.python_version(), "device": device},
     }
     write_report_md(report, out / "report.md")
     write_json(report, out / "report.json")  # last: its presence marks a complete result
-    ctx.barrier()
+    barrier()
     if not check["passed"]:
         raise VerificationError(
-            f"model_fn.onnx differs from the torch FN model by {check['max_abs_diff']:.3g} > --atol {opts.atol}; "
+            f"model_fn.onnx differs from the {reference} by {check['max_abs_diff']:.3g} > --atol {opts.atol}; "
             f"the report in {out / 'report.json'} records the failure"
         )
     log.info(f"wrote {out}: accuracy {accuracy_before:.4f} → {accuracy_after:.4f}; onnx max |diff| "
