@@ -247,7 +247,13 @@ def _make_split(x: np.ndarray, y: np.ndarray, norm, name: str, label: str) -> Sp
 
 def _load_npz(path: Path, norm) -> Dataset:
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy array: np.load returns the array itself
+            raise FnconvertError(
+                f"--data {path} holds a single array, not an .npz archive; save x_train, y_train, x_test, y_test "
+                "together with np.savez"
+            )
+        with z:
             missing = [k for k in NPZ_KEYS if k not in z.files]
             if missing:
                 raise FnconvertError(
@@ -303,7 +309,10 @@ def _load_torchvision(name: str, data_dir, norm, download: bool) -> Dataset:
         except (RuntimeError, FileNotFoundError, OSError):
             pass  # not on disk yet (or damaged): try the network below
         if not download:
-            raise FnconvertError(f"{name} is not under {root}")
+            raise FnconvertError(
+                f"{name} is not under {root}; put {archive} (from the official release) unpacked as "
+                f"{root / folder}, or pass --data-dir"
+            )
         try:
             root.mkdir(parents=True, exist_ok=True)
             return cls(str(root), train=train, download=True)

@@ -8,7 +8,10 @@ off), safetensors, ``torch.export`` programs and ONNX protobufs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
+import re
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -57,9 +60,10 @@ def detect_format(path: Path) -> str:
         raise FnconvertError(f"model file {path} is empty; give a saved model (.pt, .pt2, .safetensors, .onnx)")
     if head[:4] == b"PK\x03\x04":
         try:
-            names = zipfile.ZipFile(path).namelist()
-        except (zipfile.BadZipFile, OSError, ValueError) as e:
-            raise FnconvertError(f"model file {path} is a damaged zip archive ({e}); re-save the model")
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as e:  # e.g. "zip file version 24.1"
+            raise FnconvertError(f"model file {path} is a damaged zip archive ({_short(e)}); re-save the model")
         if any("/code/" in n or n.startswith("code/") for n in names) and any(n.endswith("constants.pkl") for n in names):
             return "torchscript"
         if any(n.endswith("archive_format") for n in names) or any("/models/" in n for n in names):
@@ -67,12 +71,14 @@ def detect_format(path: Path) -> str:
         if any(n.endswith("data.pkl") for n in names):
             return "torch-zip"
         raise FnconvertError(f"model file {path} is a zip archive of unknown layout; save it with torch.save")
-    if head[:1] == b"\x80" or head[:2] == b"\x8a\x0a":
-        return "torch-legacy"
+    # safetensors first: its 8-byte header length may itself start with 0x80 (a 128-byte header), which would
+    # otherwise pass for a pickle's PROTO opcode below.
     if len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
         if 0 < n < 100_000_000 and head[8:9] == b"{":
             return "safetensors"
+    if head[:1] == b"\x80" or head[:2] == b"\x8a\x0a":
+        return "torch-legacy"
     if _looks_like_onnx(path):
         return "onnx"
     raise FnconvertError(
@@ -122,9 +128,17 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_model_code: b
         return LoadedModel(module.eval(), "torchscript", path, digest)
 
     if fmt == "pt2":
+        if not trust_model_code:
+            reason = pt2_code_reason(path)
+            if reason:
+                raise FnconvertError(
+                    f"{path} is a torch.export program that would run code when loaded ({reason}); pass "
+                    f"{TRUST_FLAG} if you trust it, or re-export a plain program with torch.export.save"
+                )
         try:
-            ep = torch.export.load(str(path))
-            module = ep.module()
+            with _quiet_torch_export():  # torch logs a traceback for a damaged archive; the error below says it
+                ep = torch.export.load(str(path))
+                module = exported_module(ep)
         except Exception as e:
             raise FnconvertError(f"torch.export program {path} cannot be loaded ({_short(e)}); re-export it")
         return LoadedModel(module, "pt2", path, digest)
@@ -167,6 +181,118 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_model_code: b
     raise FnconvertError(
         f"{path} holds a {type(obj).__name__}, not a model or a state_dict; save model.state_dict() or a TorchScript"
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# .pt2 archives: torch.export.load is not a data-only reader. It unpickles payloads marked use_pickle (and falls
+# back to weights_only=False for sample inputs and legacy payloads), loads compiled AOTInductor libraries, passes
+# symbolic-shape strings to sympy.sympify (an eval), execs guard code, and resolves node targets by attribute path
+# from ``torch`` (which reaches torch.os.system). So an untrusted archive is checked first: only what
+# torch.export.save writes for a plain program of aten ops is accepted without --trust-model-code.
+
+_PT2_DATA_MEMBERS = re.compile(
+    r"(archive_format|archive_version|byteorder|\.data/[\w.]+|models/\w+\.json|data/weights/[\w.]+|"
+    r"data/constants/[\w.]+|data/sample_inputs/\w+\.pt|extra/[\w.]+)"
+)
+_PT2_OPERATOR_TARGETS = {f"_operator.{n}" for n in (
+    "getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "eq", "ne", "lt", "le",
+    "gt", "ge", "and_", "or_", "xor", "not_", "invert")}
+_PT2_SYM_TARGETS = {"torch.sym_int", "torch.sym_float", "torch.sym_max", "torch.sym_min", "torch.sym_not",
+                    "torch.sym_ite", "torch.sym_sum", "torch._sym_sqrt", "math.ceil", "math.floor", "math.trunc"}
+_PT2_EXPR_NAMES = {"FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt",
+                   "FloorToInt", "CeilDiv", "LShift", "RShift", "IsNonOverlappingAndDenseIndicator", "TruncToFloat",
+                   "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "FloatPow", "PowByNatural", "IntTrueDiv",
+                   "FloatTrueDiv", "Max", "Min", "Abs", "True", "False", "oo", "Eq", "Ne", "Lt", "Le", "Gt", "Ge",
+                   "And", "Or", "Not", "Integer", "Rational", "Float", "positive", "integer", "nonnegative", "real",
+                   "finite", "Symbol"}
+_PT2_SYMBOL = re.compile(r"Symbol\('[a-z]{1,3}\d+'((, [a-z]+=(True|False))*)\)")
+_PT2_EXPR = re.compile(r"[\w\s+\-*/%(),.<>=!&|~]*")
+
+
+def pt2_code_reason(path: Path) -> str | None:
+    """Why loading the .pt2 archive at ``path`` would run code from it, or None for a plain program."""
+    import io
+    import json
+
+    import torch
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if not n.endswith("/")]
+            for name in names:
+                rel = name.split("/", 1)[1] if "/" in name else name
+                if not _PT2_DATA_MEMBERS.fullmatch(rel):
+                    return f"member {name!r} is not part of a plain exported program"
+                if rel.endswith("_config.json"):
+                    for key, meta in (json.loads(z.read(name)).get("config") or {}).items():
+                        if meta.get("use_pickle"):
+                            return f"payload {key!r} is pickled"
+                        if rel.startswith("data/constants/") and not str(meta.get("path_name", "")).startswith("tensor_"):
+                            return f"constant {key!r} is a Python object"
+                elif rel.endswith(".pt"):  # sample inputs and legacy payloads: torch falls back to weights_only=False
+                    try:
+                        torch.load(io.BytesIO(z.read(name)), map_location="cpu", weights_only=True)
+                    except Exception:
+                        return f"{name!r} is not plain tensor data"
+                elif rel.startswith("models/"):
+                    reason = _pt2_program_reason(json.loads(z.read(name)))
+                    if reason:
+                        return reason
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, AttributeError, TypeError, NotImplementedError,
+            EOFError, RuntimeError) as e:
+        raise FnconvertError(f"torch.export program {path} is damaged ({_short(e)}); re-export it")
+    return None
+
+
+def _pt2_program_reason(program: dict) -> str | None:
+    if program.get("guards_code"):
+        return "it holds guard code"
+    stack = [program]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, list):
+            stack.extend(obj)
+        elif isinstance(obj, dict):
+            target = obj.get("target")
+            if isinstance(target, str) and "inputs" in obj and not (
+                    target.startswith("torch.ops.aten.") or target.startswith("torch.ops.prims.")
+                    or target in _PT2_OPERATOR_TARGETS or target in _PT2_SYM_TARGETS):
+                return f"it calls {target!r}, which is not an aten operator"
+            expr = obj.get("expr_str")
+            if isinstance(expr, str):
+                rest = _PT2_SYMBOL.sub("s0", expr)
+                words = re.findall(r"[A-Za-z_]\w*", rest)
+                if not _PT2_EXPR.fullmatch(rest) or any(
+                        w not in _PT2_EXPR_NAMES and not re.fullmatch(r"[a-z]{1,3}\d+", w) for w in words):
+                    return f"the shape expression {expr[:60]!r} is not plain arithmetic"
+            stack.extend(obj.values())
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_torch_export():
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def exported_module(ep) -> "torch.nn.Module":  # noqa: F821
+    """``ep.module()`` whose train()/eval() are no-ops instead of errors.
+
+    An exported graph has its BatchNorm/dropout behaviour baked in at export time (normally eval), and
+    ``torch.export`` refuses mode switches on it. fnconvert switches modes around every evaluation, so they are
+    made no-ops here: fine-tuning a .pt2 model keeps BatchNorm statistics frozen, as exported.
+    """
+    import types
+
+    module = ep.module()
+    module.train = types.MethodType(lambda self, mode=True: self, module)
+    module.eval = types.MethodType(lambda self: self, module)
+    return module
 
 
 def _is_weights_only_refusal(e: Exception) -> bool:
@@ -242,6 +368,10 @@ def _torch_version() -> tuple[int, int]:
 
 
 def _short(e: BaseException) -> str:
-    text = " ".join(str(e).split())
+    text = str(e)
+    if "Traceback of TorchScript" in text:  # keep the error itself, not TorchScript's multi-line traceback
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        text = lines[-1].split(": ", 1)[-1] if lines[-1].split(":", 1)[0].endswith("Error") else lines[-1]
+    text = " ".join(text.split())
     return (text[:200] + "…") if len(text) > 200 else (text or type(e).__name__)
 

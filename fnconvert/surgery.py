@@ -143,7 +143,8 @@ def _fx_cut_softmax(module: nn.Module):
         return None
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     arg = out_node.args[0]
-    if isinstance(arg, (tuple, list)):
+    wrapped = isinstance(arg, (tuple, list))  # exported graphs return a flat tuple of leaves: keep that form
+    if wrapped:
         if len(arg) != 1:
             return None
         arg = arg[0]
@@ -151,7 +152,7 @@ def _fx_cut_softmax(module: nn.Module):
     # fx nodes for reshapes after the softmax are rare; only a direct softmax is cut.
     if not isinstance(node, fx.Node) or not _is_fx_softmax(gm, node):
         return None
-    out_node.args = (node.args[0],)
+    out_node.args = ((node.args[0],),) if wrapped else (node.args[0],)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
@@ -176,10 +177,10 @@ class FNModel(nn.Module):
     def __init__(self, body: nn.Module, mean, V, B, C, *, tail: str = "none", pre: str = "none"):
         super().__init__()
         self.body = body
-        self.register_buffer("fn_mean", torch.as_tensor(np.asarray(mean), dtype=torch.float32).clone())
-        self.register_buffer("fn_V", torch.as_tensor(np.asarray(V), dtype=torch.float32).clone())
-        self.register_buffer("fn_B", torch.as_tensor(np.asarray(B), dtype=torch.float32).clone())
-        C = torch.as_tensor(np.asarray(C), dtype=torch.float32)
+        self.register_buffer("fn_mean", _f32(mean))
+        self.register_buffer("fn_V", _f32(V))
+        self.register_buffer("fn_B", _f32(B))
+        C = _f32(C)
         self.factor_heads = nn.ParameterList([nn.Parameter(C[j : j + 1].clone()) for j in range(C.shape[0])])
         self.tail = tail
         self.pre = pre
@@ -238,6 +239,13 @@ class FNDeploy(nn.Module):
         return out
 
 
+def _f32(a) -> torch.Tensor:
+    """A float32 CPU copy of a tensor or an array (any strides, e.g. a reversed eigenvector matrix)."""
+    if isinstance(a, torch.Tensor):
+        return a.detach().to("cpu", torch.float32).clone()
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
 def _body_out(h: torch.Tensor, pre: str) -> torch.Tensor:
     # A softmax body we could not cut: log p equals the logits up to a per-row shift, which softmax ignores.
     return torch.log(torch.clamp(h, min=1e-38)) if pre == "log" else h
@@ -265,9 +273,7 @@ def calibrate_head(model: nn.Module, fn: FNModel, batches, analysis: OutputAnaly
     (C = B̂·Wᵀ) and the best start the data allows for a deep one. With a softmax tail the logits are known only up
     to a per-row shift, so both sides are centred per row first. Sums are accumulated in float64.
     """
-    d = fn.fn_V.shape[1]
-    ztz = torch.zeros(d, d, dtype=torch.float64)
-    zty = None
+    ztz = zty = None  # created on the first batch's device (the GPU when the model runs there)
     was_training = (model.training, fn.training)
     model.eval()
     fn.eval()
@@ -280,15 +286,19 @@ def calibrate_head(model: nn.Module, fn: FNModel, batches, analysis: OutputAnaly
             if analysis.tail != "none":
                 resid = resid - resid.mean(dim=1, keepdim=True)
             z64 = z.double()
-            ztz += z64.T @ z64
+            ztz = z64.T @ z64 if ztz is None else ztz + z64.T @ z64
             part = z64.T @ resid.double()
             zty = part if zty is None else zty + part
     model.train(was_training[0])
     fn.train(was_training[1])
     if zty is None:
         raise FnconvertError("no calibration samples to fit the factor head; give --calib-samples ≥ 1")
+    from .distributed import all_reduce_sum_
+
+    all_reduce_sum_(ztz)  # under torchrun every rank saw its shard: the normal equations add up exactly
+    all_reduce_sum_(zty)
     C = torch.linalg.lstsq(ztz, zty).solution
-    return C.numpy()
+    return C.cpu().numpy()
 
 
 def build_fn_model(model: nn.Module, factors, calib_batches, example: torch.Tensor) -> tuple[FNModel, OutputAnalysis]:
@@ -305,5 +315,9 @@ def build_fn_model(model: nn.Module, factors, calib_batches, example: torch.Tens
 
 
 def _short(e: BaseException) -> str:
-    text = " ".join(str(e).split())
+    text = str(e)
+    if "Traceback of TorchScript" in text:  # keep the error itself, not TorchScript's multi-line traceback
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        text = lines[-1].split(": ", 1)[-1] if lines[-1].split(":", 1)[0].endswith("Error") else lines[-1]
+    text = " ".join(text.split())
     return (text[:200] + "…") if len(text) > 200 else (text or type(e).__name__)

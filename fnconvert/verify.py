@@ -138,7 +138,13 @@ def _load_reference(path, trust_model_code: bool):
         raise FnconvertError(f"--reference {path} does not exist; give model_fn.pt or model_fn.pt2")
     fmt = detect_format(path)
     if fmt == "pt2":
-        return torch.export.load(str(path)).module()
+        from .models import exported_module, pt2_code_reason
+
+        reason = None if trust_model_code else pt2_code_reason(path)
+        if reason:
+            raise FnconvertError(f"--reference {path} would run code when loaded ({reason}); pass {TRUST_FLAG} "
+                                 "if you trust it")
+        return exported_module(torch.export.load(str(path)))
     if fmt == "torchscript":
         if not trust_model_code:
             raise FnconvertError(f"--reference {path} is TorchScript, which runs code; pass {TRUST_FLAG}, or use model_fn.pt2")
