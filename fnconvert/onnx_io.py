@@ -57,6 +57,11 @@ def load_onnx_model(path, digest):
         raise FnconvertError(f"ONNX model {path} cannot be parsed ({_short(e)}); re-export it")
     refs = external_refs(model, path.parent)  # every location checked before any byte is read
     read_external(refs)
+    if model.ByteSize() < 2**31:  # the checker takes a path for larger models; those are checked after surgery
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except Exception as e:
+            raise FnconvertError(f"ONNX model {path} fails onnx.checker ({_short(e)}); re-export it from its source")
     return LoadedModel(None, "onnx", path, digest, onnx_model=model)
 
 

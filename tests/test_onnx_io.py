@@ -393,8 +393,8 @@ def _vi(name, elem=TensorProto.FLOAT, shape=("N", 3, 32, 32)):
     return helper.make_tensor_value_info(name, elem, list(shape))
 
 
-def _gemm_nodes(inp="x"):
-    w = numpy_helper.from_array(np.zeros((10, 3072), np.float32), "W")
+def _gemm_nodes(inp="x", p=3072):
+    w = numpy_helper.from_array(np.zeros((10, p), np.float32), "W")
     return [helper.make_node("Flatten", [inp], ["f"]), helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)], [w]
 
 
@@ -409,8 +409,12 @@ def test_refusals_name_the_value_and_the_fix(tiny, tmp_path):
                       ["'x'", "non-float type INT64"]),
         "no-dense": (export(nn.Sequential(nn.Conv2d(3, 10, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
                             tmp_path / "pool.onnx"), ["no final dense layer", "GlobalAveragePool", "Linear"]),
-        "data-shape": (_graph_file(tmp_path / "shape.onnx", nodes, [_vi("x", shape=("N", 1, 28, 28))],
-                                   [_vi("y", shape=("N", 10))], inits), ["[3, 32, 32]", "'batch', 1, 28, 28"]),
+        # a valid MNIST-shaped model (it passes onnx.checker) given CIFAR-shaped data
+        "data-shape": (_graph_file(tmp_path / "shape.onnx", *_gemm_nodes(p=784)[:1], [_vi("x", shape=("N", 1, 28, 28))],
+                                   [_vi("y", shape=("N", 10))], _gemm_nodes(p=784)[1]),
+                       ["[3, 32, 32]", "'batch', 1, 28, 28"]),
+        "invalid-graph": (_graph_file(tmp_path / "bad.onnx", nodes, [_vi("x", shape=("N", 1, 28, 28))],
+                                      [_vi("y", shape=("N", 10))], inits), ["fails onnx.checker", "re-export"]),
     }
     for name, (path, needles) in cases.items():
         out = tmp_path / f"out-{name}"
