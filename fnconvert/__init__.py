@@ -27,6 +27,8 @@ _LAZY = {
     "TransformOptions": "pipeline",
     "verify_model": "verify",
     "inspect_spectrum": "inspect",
+    "run_bench": "bench",
+    "BenchOptions": "bench",
 }
 
 __all__ = ["__version__", "FnconvertError", "VerificationError", *_LAZY]
@@ -35,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .data import load_data
     from .factors import Factors, fit_factors
     from .finetune import TrainConfig, finetune, param_groups
+    from .bench import BenchOptions, run_bench
     from .inspect import inspect_spectrum
     from .models import load_model
     from .pipeline import TransformOptions, transform

@@ -307,7 +307,7 @@ def fit_for_transform(calib, factors_opt, *, method: str, device: str, seed: int
     want = None if d_auto else int(factors_opt)
     try:
         spectrum = fit_factors(calib, max(SPECTRUM_FACTORS, want or 1), method=method, device=device, seed=seed)
-    except FnconvertError:
+    except (FnconvertError, RuntimeError):  # RuntimeError: torch.linalg errors on a rank-deficient sketch
         if d_auto:
             raise
         spectrum = None  # the data's rank is below K: fit exactly d (which reports d's own rank problem, if any)
