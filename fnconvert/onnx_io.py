@@ -287,7 +287,7 @@ def transform_onnx(opts, ds, loaded, log: Log = NULL_LOG) -> dict:
     run_hash = config_hash({"model": loaded.sha256, "data": str(opts.data), "d": d, "train": train_config_dict(cfg),
                             "calib": opts.calib_samples, "normalize": opts.normalize, "method": opts.method})
     # ---- from here on the output folder exists -------------------------------------------------------------
-    open_out(out, opts, also=(EXTERNAL_DATA_NAME,))
+    stage = open_out(out, opts)
     history: list[dict] = []
     trained = source
     if epochs > 0:
@@ -301,32 +301,33 @@ def transform_onnx(opts, ds, loaded, log: Log = NULL_LOG) -> dict:
     deploy = fn.deploy().cpu()
     fn_model = S.insert_fn(trained, spec, head, factors.mean, factors.V, factors.B, deploy.fn_C.numpy(),
                            fn_metadata(loaded, ds, factors, head.tail))
-    save_model(fn_model, out / "model_fn.onnx")
+    save_model(fn_model, stage / "model_fn.onnx")
     if epochs > 0:
         example_cpu = next(ds.test.batches(2))[0]
-        export_torchscript(deploy, example_cpu, out / "model_fn.pt")
-        pt2_skipped = export_pt2(deploy, example_cpu, out / "model_fn.pt2")
+        export_torchscript(deploy, example_cpu, stage / "model_fn.pt")
+        pt2_skipped = export_pt2(deploy, example_cpu, stage / "model_fn.pt2")
     else:
         pt2_skipped = "--no-finetune on an ONNX source is graph surgery only; no torch module is made"
     if pt2_skipped:
         log.info(f"model_fn.pt2 not written: {pt2_skipped}")
-    write_statistics(out, factors, spectrum, history, accuracy_before)
+    write_statistics(stage, factors, spectrum, history, accuracy_before)
     timings["export"] = time.perf_counter() - t0
 
     # The reference computes FN its own way: the torch FN model (fine-tuned: the torch view of the graph), or, for
     # surgery only, torch's split (x − μ)·V, onnxruntime's source graph on that residual, then + z·C and the tail.
     t0 = time.perf_counter()
-    check = compare(open_session(out / "model_fn.onnx", opts.provider), deploy, ds.test, atol=opts.atol)
+    check = compare(open_session(stage / "model_fn.onnx", opts.provider), deploy, ds.test, atol=opts.atol)
     timings["verify"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
-    return finish(out, opts, log, loaded=loaded, ds=ds, factors=factors, d_reason=d_reason, cfg=cfg,
+    return finish(out, stage, opts, log, loaded=loaded, ds=ds, factors=factors, d_reason=d_reason, cfg=cfg,
                   calib_samples=len(calib_idx), accuracy_before=accuracy_before,
                   accuracy_calibrated=accuracy_calibrated, history=history, check=check, pt2_skipped=pt2_skipped,
                   timings=timings, device=device, source_extra={"opset": S.opset_of(source)},
                   input_info={"name": spec.name, "shape": ["batch", *ds.train.input_shape], "dtype": "float32"},
                   output_info={"name": head.output, "classes": num_classes, "activation": head.tail,
                                "final_layer": head.dense},
-                  reference="torch FN model" if epochs > 0 else "onnxruntime source graph on the residual + z·C")
+                  reference="torch FN model" if epochs > 0 else "onnxruntime source graph on the residual + z·C",
+                  also=(EXTERNAL_DATA_NAME,))
 
 
 def _check_sample_shape(spec: S.InputSpec, ds) -> None:

@@ -159,8 +159,7 @@ def _transform(opts, log, ctx, device, out, cfg, timings, t_all) -> dict | None:
     run_hash = config_hash({"model": loaded.sha256, "data": str(opts.data), "d": d, "train": train_config_dict(cfg),
                             "calib": opts.calib_samples, "normalize": opts.normalize, "method": opts.method})
     # ---- from here on the output folder exists (rank 0 alone writes) -----------------------------------------
-    if ctx.is_main:
-        open_out(out, opts)
+    stage = open_out(out, opts) if ctx.is_main else None
     ctx.barrier()
     history: list[dict] = []
     if epochs > 0:
@@ -175,20 +174,20 @@ def _transform(opts, log, ctx, device, out, cfg, timings, t_all) -> dict | None:
     t0 = time.perf_counter()
     deploy = fn.deploy().cpu()
     example_cpu = next(ds.test.batches(2))[0]
-    export_onnx(deploy, example_cpu, out / "model_fn.onnx", opset=opts.opset,
+    export_onnx(deploy, example_cpu, stage / "model_fn.onnx", opset=opts.opset,
                 metadata=fn_metadata(loaded, ds, factors, analysis.tail))
-    export_torchscript(deploy, example_cpu, out / "model_fn.pt")
-    pt2_skipped = export_pt2(deploy, example_cpu, out / "model_fn.pt2")
+    export_torchscript(deploy, example_cpu, stage / "model_fn.pt")
+    pt2_skipped = export_pt2(deploy, example_cpu, stage / "model_fn.pt2")
     if pt2_skipped:
         log.info(f"model_fn.pt2 not written: {pt2_skipped}")
-    write_statistics(out, factors, spectrum, history, accuracy_before)
+    write_statistics(stage, factors, spectrum, history, accuracy_before)
     timings["export"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    check = compare(open_session(out / "model_fn.onnx", opts.provider), deploy, ds.test, atol=opts.atol)
+    check = compare(open_session(stage / "model_fn.onnx", opts.provider), deploy, ds.test, atol=opts.atol)
     timings["verify"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
-    return finish(out, opts, log, loaded=loaded, ds=ds, factors=factors, d_reason=d_reason, cfg=cfg,
+    return finish(out, stage, opts, log, loaded=loaded, ds=ds, factors=factors, d_reason=d_reason, cfg=cfg,
                   calib_samples=len(calib_idx), accuracy_before=accuracy_before,
                   accuracy_calibrated=accuracy_calibrated, history=history, check=check, pt2_skipped=pt2_skipped,
                   timings=timings, device=device, world_size=ctx.world_size, barrier=ctx.barrier,
@@ -200,16 +199,36 @@ def _transform(opts, log, ctx, device, out, cfg, timings, t_all) -> dict | None:
 # ---- the steps both sources share (PyTorch here, ONNX in onnx_io.transform_onnx) -----------------------------
 
 
-def open_out(out: Path, opts, also: tuple[str, ...] = ()) -> None:
-    """Make ``out`` ready to write: on --force (without --resume) drop a previous result (and ``also``) first."""
+STAGE = ".fnconvert-stage"
+
+
+def open_out(out: Path, opts) -> Path:
+    """Make ``out`` ready; return the staging folder the artifacts are written to before :func:`publish`.
+
+    A previous result stays in place until the new one is complete, so a kill at any moment leaves either the
+    previous complete result or none (only ``checkpoints/``). On --force (without --resume) old checkpoints go.
+    """
     from .export import clean_stale_tmp
 
     if out.is_dir() and opts.force and not opts.resume:
-        _clear_previous(out)
-        for name in also:
-            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(out)
+    stage = out / STAGE
+    shutil.rmtree(stage, ignore_errors=True)  # what a killed run staged is incomplete by definition
+    stage.mkdir()
+    return stage
+
+
+def publish(stage: Path, out: Path, also: tuple[str, ...] = ()) -> None:
+    """Move the staged artifacts into ``out``: the old report first out, the new report.json last in."""
+    (out / "report.json").unlink(missing_ok=True)  # from here the old result no longer counts as complete
+    for name in (*ARTIFACTS, *also):
+        if not (stage / name).exists():
+            (out / name).unlink(missing_ok=True)  # e.g. an old model_fn.pt2 this run could not make
+    for f in sorted(stage.iterdir(), key=lambda f: f.name == "report.json"):
+        os.replace(f, out / f.name)
+    stage.rmdir()
 
 
 def fn_metadata(loaded, ds, factors, tail: str) -> dict:
@@ -235,10 +254,11 @@ def write_statistics(out: Path, factors, spectrum, history: list[dict], accuracy
     plot_curves(history, out / "curves.png", accuracy_before=accuracy_before)
 
 
-def finish(out: Path, opts, log: Log, *, loaded, ds, factors, d_reason: str, cfg, calib_samples: int,
+def finish(out: Path, stage: Path, opts, log: Log, *, loaded, ds, factors, d_reason: str, cfg, calib_samples: int,
            accuracy_before: float, accuracy_calibrated: float, history: list[dict], check: dict, pt2_skipped,
            timings: dict, device: str, input_info: dict, output_info: dict, world_size: int = 1,
-           barrier=lambda: None, source_extra: dict | None = None, reference: str = "torch FN model") -> dict:
+           barrier=lambda: None, source_extra: dict | None = None, reference: str = "torch FN model",
+           also: tuple[str, ...] = ()) -> dict:
     """Write report.md and report.json (last: its presence marks a complete result), then apply the gate."""
     import onnxruntime
     import torch
@@ -272,15 +292,16 @@ def finish(out: Path, opts, log: Log, *, loaded, ds, factors, d_reason: str, cfg
         "train": train_config_dict(cfg) | {"device": device},
         "onnx_max_abs_diff": check["max_abs_diff"],
         "verification": check | {"reference": reference},
-        "artifacts": [a for a in ARTIFACTS if (out / a).exists() or a in ("report.md", "report.json")],
+        "artifacts": [a for a in ARTIFACTS if (stage / a).exists() or a in ("report.md", "report.json")],
         "pt2_skipped": pt2_skipped,
         "world_size": world_size,
         "seconds": {k: round(v, 3) for k, v in timings.items()},
         "environment": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                         "python": platform.python_version(), "device": device},
     }
-    write_report_md(report, out / "report.md")
-    write_json(report, out / "report.json")  # last: its presence marks a complete result
+    write_report_md(report, stage / "report.md")
+    write_json(report, stage / "report.json")
+    publish(stage, out, also)  # report.json last: its presence marks a complete result
     barrier()
     if not check["passed"]:
         raise VerificationError(
@@ -342,12 +363,6 @@ def _check_labels(ds, num_classes: int) -> None:
                 "labels must be 0 … classes-1: check the data matches the model"
             )
 
-
-def _clear_previous(out: Path) -> None:
-    """--force: drop the previous result's files (checkpoints included) so nothing stale mixes in."""
-    for name in ARTIFACTS:
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
 
 def write_factors(data, out, d: int, *, calib_samples=None, method="auto", device="auto", seed=0, normalize=None,

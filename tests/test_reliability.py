@@ -360,3 +360,36 @@ def test_same_seed_same_bytes_and_numbers(cnn_pt2, cifar_tiny, tmp_path):
                                       "--no-finetune", "--seed", "12", "--calib-samples", "400", "--quiet"])
     assert result.exit_code == 0, result.output
     assert (out / "factors.safetensors").read_bytes() != (a / "factors.safetensors").read_bytes()
+
+
+def test_a_failed_rerun_keeps_the_previous_complete_result(tmp_path, monkeypatch):
+    """--force over a finished result, then a crash mid-export: the old result stays whole, nothing half-new leaks."""
+    from typer.testing import CliRunner
+
+    import fnconvert.export as export
+    from fnconvert_cli.main import app
+
+    root = Path(__file__).resolve().parents[1] / "samples"
+    out = tmp_path / "OUT"
+    args = ["transform", str(root / "cnn_cifar10.pt2"), "--data", str(root / "cifar10-sample.npz"), "--out", str(out),
+            "--no-finetune", "--calib-samples", "300", "--quiet"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    assert "report.json" in before and "model_fn.onnx" in before
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt  # stands in for a kill after model_fn.onnx was staged
+
+    monkeypatch.setattr(export, "export_torchscript", crash)
+    r = CliRunner().invoke(app, [*args, "--force", "--factors", "2"])
+    assert r.exit_code == 130
+    after = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    assert after == before  # the previous complete result, byte for byte
+    assert not list(out.glob(".fnconvert-tmp-*"))
+    # The next successful run cleans what the crashed one staged.
+    monkeypatch.undo()
+    assert CliRunner().invoke(app, [*args, "--force", "--factors", "2"]).exit_code == 0
+    assert not (out / ".fnconvert-stage").exists()
+    import json
+
+    assert json.loads((out / "report.json").read_text())["factors"] == 2
