@@ -393,3 +393,27 @@ def test_a_failed_rerun_keeps_the_previous_complete_result(tmp_path, monkeypatch
     import json
 
     assert json.loads((out / "report.json").read_text())["factors"] == 2
+
+
+def test_deterministic_flag_gives_identical_runs(tmp_path):
+    """--deterministic turns on torch's deterministic algorithms for the run (and off after it)."""
+    import json
+
+    import torch
+    from typer.testing import CliRunner
+
+    from fnconvert_cli.main import app
+
+    root = Path(__file__).resolve().parents[1] / "samples"
+    reports = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        r = CliRunner().invoke(app, ["transform", str(root / "cnn_cifar10.pt2"), "--data",
+                                     str(root / "cifar10-sample.npz"), "--out", str(out), "--epochs", "1",
+                                     "--calib-samples", "300", "--deterministic", "--quiet"])
+        assert r.exit_code == 0, r.output
+        reports.append(json.loads((out / "report.json").read_text()))
+        assert (out / "factors.safetensors").read_bytes() == (tmp_path / "a" / "factors.safetensors").read_bytes()
+    assert reports[0]["epochs"][0]["train_loss"] == reports[1]["epochs"][0]["train_loss"]
+    assert reports[0]["accuracy_after"] == reports[1]["accuracy_after"]
+    assert not torch.are_deterministic_algorithms_enabled()
