@@ -156,3 +156,17 @@ def test_help_is_fast_and_lists_every_command():
     r = subprocess.run([sys.executable, "-c", "import fnconvert_cli.main, sys; print('torch' in sys.modules)"],
                        capture_output=True, text=True, timeout=30)
     assert r.stdout.strip() == "False"  # torch is imported lazily
+
+
+def test_inspect_json_on_the_sample_has_the_documented_keys(tmp_path):
+    r = CliRunner().invoke(app, ["inspect", str(SAMPLES / "cifar10-sample.npz"), "--json", "--max-factors", "5",
+                                 "--plot", str(tmp_path / "spectrum.png")])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    for key in ("singular_values", "explained_variance_ratio", "suggested_factors", "condition_number",
+                "residual_condition_number", "lr_multipliers"):
+        assert key in info
+    # The rate multipliers are the paper's (λ1/λ_{d+1})², computed here from the reported singular values.
+    s = np.asarray(info["singular_values"])
+    np.testing.assert_allclose(info["lr_multipliers"][:4], (s[0] / s[1:5]) ** 2, rtol=1e-9)
+    assert (tmp_path / "spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
