@@ -68,6 +68,7 @@ def _print_table(info: dict) -> None:
     typer.echo(f"samples {info.get('n_samples')}  features {info.get('p')}  method {info.get('method')}")
     typer.echo(f"{'j':>3} {'singular value':>15} {'explained':>10} {'(λ1/λj+1)²':>12}")
     for j, (s, e) in enumerate(zip(sv, evr), start=1):
-        m = f"{mult[j - 1]:12.3f}" if j - 1 < len(mult) else ""
+        m = mult[j - 1] if j - 1 < len(mult) else None
+        m = f"{m:12.3f}" if m is not None else ("  (λ zero)" if j - 1 < len(mult) else "")
         typer.echo(f"{j:>3} {s:15.4f} {e:10.4%} {m}")
     typer.echo(f"suggested_factors: {info['suggested_factors']} ({info.get('suggested_factors_reason', '')})")

@@ -8,9 +8,12 @@ Two solvers, both streaming over row batches so the data set is never held in me
 
 * ``exact``: one pass accumulating the shifted column sums and the p×p Gram matrix in float64, then ``eigh``.
   Costs O(N p²) flops and O(p²) memory; it also yields the full spectrum.
-* ``randomized``: block Krylov iteration on A = XcᵀXc with the data passes in the input precision (float32 for
-  float32 inputs) and all small-matrix algebra in float64. Costs about 4·N·p·b flops per pass with block size b,
-  O(p·k) memory, and stops on a convergence test of the top-d subspace and λ1..λ_{d+1}.
+* ``randomized``: block Krylov iteration (block Lanczos with full reorthogonalisation) on A = XcᵀXc, centring
+  folded into the products (x·Q − 1·μᵀQ) so the data are never copied. Data passes run in the input precision
+  (float32 for float32 inputs), all small-matrix algebra in float64. About 4·N·p·b flops per pass with block
+  size b, O(p·k) memory; it stops when the predicted error of the top-d subspace and of λ1..λ_{d+1} is below
+  2e-5 (goal 1e-4), switches to float64 passes where λd ≈ λ_{d+1} makes float32 rounding too coarse, and starts
+  in-memory arrays from an estimate on a 2,048-row subsample (one or two passes fewer).
 
 ``method="auto"`` picks ``exact`` for p ≤ :data:`EXACT_MAX_FEATURES` and ``randomized`` above; see
 docs/BENCHMARKS.md for the measurements behind the threshold.
@@ -48,12 +51,12 @@ FORMAT_TAG = "fnconvert-factors"
 FORMAT_VERSION = "1"
 
 #: ``method="auto"`` uses the exact Gram solver up to this many features, the randomized one above. Measured on
-#: 2 cores (BENCHMARKS.md): the float64 Gram + eigh costs N·p² and at p = 512 already takes 3–5× the randomized
-#: solver's time (0.11 s vs 0.02–0.08 s on 5,000 rows, 0.57 s vs 0.13 s on 50,000), 5–10× at p = 784 and
-#: 10–20× at p = 3,072; below ~512 both are a fraction of a second and exact also gives the whole spectrum.
+#: 2 cores (docs/BENCHMARKS.md, CIFAR-10 pixel crops, d = 1): the float64 Gram + eigh costs ~N·p², 0.09 s on
+#: 5,000 rows and 0.51 s on 50,000 at p = 512 (randomized: 0.01 s / 0.09 s), but 0.36 s / 1.8 s at p = 1,024 and
+#: 2.2 s / 7.3 s at p = 2,048. Up to 512 exactness, one pass and the full spectrum cost at most half a second.
 EXACT_MAX_FEATURES = 512
 
-# Randomized solver settings (see _krylov).
+# Randomized solver settings (see _fit_randomized).
 _TOL = 2e-5  # target for the estimated sine of the subspace error and the relative eigenvalue error (goal: 1e-4)
 _TOL_CLUSTER = 1e-2  # relative error of λ²_{d+1} accepted when it sits in a flat cluster (see _fit_randomized)
 _BLOCK: int | None = None  # block size override (benchmarks); default from d, see _fit_randomized
@@ -307,7 +310,7 @@ class Spectrum:
     """Every singular value a fit determined, for ``inspect``: the full spectrum (``complete``) from the exact
     solver, the leading ones of the Krylov space from the randomized one."""
 
-    singular_values: np.ndarray  # descending, float64; zeros beyond the numerical rank are kept as 0
+    singular_values: np.ndarray  # descending, float64, as computed (values ≤ rank_tolerance·λ1 are noise)
     complete: bool
     rank: int  # numerical rank among the values known (exact: of Xc; randomized: a lower bound when complete=False)
     rank_tolerance: float  # relative to λ1: values ≤ rank_tolerance·λ1 count as zero
@@ -330,8 +333,6 @@ def fit_factors_with_spectrum(X_or_batches, d: int, *, method: str = "auto", dev
 
 
 def _check_params(d, method, device, seed):
-    import torch
-
     if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
         raise FnconvertError(f"d={d!r} must be an integer ≥ 1 (the number of factors)")
     d = int(d)
@@ -555,16 +556,6 @@ class _PassError:
 # The fit
 
 
-@dataclass
-class _Moments:
-    """What the first pass learns: count, mean, total sum of squares, and the shift it centred with."""
-
-    n: int
-    mean: Any  # (p,) float64 tensor
-    tss: float
-    shift: Any  # (p,) float64 tensor
-
-
 def _fit(source: _Source, d: int, method: str, dev, seed: int, comm: _Comm, check_rank: bool = True,
          exact_max_features: int = EXACT_MAX_FEATURES) -> tuple[Factors, Spectrum]:
     import torch
@@ -579,6 +570,7 @@ def _fit(source: _Source, d: int, method: str, dev, seed: int, comm: _Comm, chec
                                  f"and {p - 1}")
         chosen = method if method != "auto" else ("exact" if p <= exact_max_features else "randomized")
         if chosen == "exact":
+            _check_gram_fits(p, dev, method)
             return _fit_exact(it, first, source, d, p, dev, comm, check_rank, full)
         if source.one_shot:
             raise FnconvertError(
@@ -586,6 +578,25 @@ def _fit(source: _Source, d: int, method: str, dev, seed: int, comm: _Comm, chec
                 f"one-shot iterator (e.g. a generator); pass a list or an object whose __iter__ restarts "
                 f"(a DataLoader), or use method='exact'")
         return _fit_randomized(it, first, source, d, p, dev, seed, comm, check_rank, full)
+
+
+def _check_gram_fits(p: int, dev, method: str) -> None:
+    """The exact solver holds the p×p float64 Gram matrix about three times over (Gram, symmetrised copy,
+    eigenvectors); refuse up front rather than fail inside an allocation."""
+    import torch
+
+    need = 3 * 8 * p * p
+    if dev.type == "cuda":
+        free = torch.cuda.mem_get_info(dev)[0]
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # not on Linux: let the allocation decide
+            return
+    if need > free:
+        raise FnconvertError(
+            f"method={method!r} with p={p} features needs ~{need / 2**30:.1f} GiB for the p×p Gram matrix but "
+            f"{free / 2**30:.1f} GiB is free on {dev.type}; use method='randomized' (O(p·k) memory)")
 
 
 def _agree_on_first_batch(it, source: _Source, dev, comm: _Comm):
@@ -608,9 +619,7 @@ def _agree_on_first_batch(it, source: _Source, dev, comm: _Comm):
                              f"down to {p_min}; every rank needs the same features")
     source.p = p_max
     if not has:
-        import torch as _t
-
-        source.dtype = _t.float32
+        source.dtype = torch.float32
     return first
 
 
@@ -760,7 +769,7 @@ class _SketchPass:
         shift_w = shift.to(self.work)
         cQ = (shift @ Q).to(self.work)  # shiftᵀQ in float64, rounded once
         self._Qw64, self._c64, self._explicit = Qw.to(torch.float64), cQ.to(torch.float64), explicit
-        self._shift = shift
+        self._shift = shift_w.to(torch.float64)  # the shift as actually subtracted (explicit mode)
         Z = torch.zeros(p, b, dtype=torch.float64, device=self.dev)
         Zw = torch.zeros(p, b, dtype=self.work, device=self.dev)
         colsum = torch.zeros(p, dtype=torch.float64, device=self.dev)
@@ -818,7 +827,7 @@ class _SketchPass:
                 colsum.sub_(shift, alpha=rows)  # Σx → Σ(x − shift)
         for t in (Z, colsum, stats):
             self.comm.sum_(t)
-        if not bool(torch.isfinite(Z).all()):
+        if not math.isfinite(float(Z.sum())):  # NaN/inf propagate into the sum; one scalar to check
             raise FnconvertError("a data pass produced NaN or inf: the batches changed between passes or hold "
                                  "values too large for float32; pass float64 data")
         return Z, colsum, stats
@@ -945,8 +954,9 @@ def _fit_randomized(it, first, source: _Source, d: int, p: int, dev, seed: int, 
             rel = ((vals[: d + 1] - prev[1][: d + 1]).abs() / vals[: d + 1].clamp_min(tiny)).cpu()
             history.append((ch, float(rel[:d].max()), float(rel[d])))
             est_sub, est_top, est_last = _predicted_error(history)
-            bound = kry.ritz_value_bound(d)
-            est_top, est_last = min(est_top, float(bound[:d].max())), min(est_last, float(bound[d]))
+            if est_sub <= _TOL and max(est_top, est_last) > _TOL:  # the bound only matters then; it costs O(p·k·d)
+                bound = kry.ritz_value_bound(d)
+                est_top, est_last = min(est_top, float(bound[:d].max())), min(est_last, float(bound[d]))
             est_val = max(est_top, est_last)
             # λ_{d+1} at the edge of a flat cluster (a noise bulk) converges slowly (its error halves per pass)
             # and only sets the residual rate, so there 1e-2 on λ² (0.5 % on λ) is taken as enough;
@@ -1128,7 +1138,7 @@ def _warm_start(source: _Source, Q, d: int, dev, work, threads: int):
     with _threads(dev, threads):
         S = torch.cat([source._prepare(arr[s : s + run], dev, work, where="X") for s in starts])
         S = S - S.mean(0)
-    if not bool(torch.isfinite(S).all()):
+    if not math.isfinite(float(S.sum())):
         return None  # the full pass will name the bad sample
     kry = _Krylov(p, 2 * b, dev)
     for step in range(2):

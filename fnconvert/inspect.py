@@ -7,7 +7,6 @@ the covariance eigenvalues are μ_j = λ_j²/(N − 1), so every ratio below is 
 from __future__ import annotations
 
 import io
-import os
 import sys
 from pathlib import Path
 
@@ -55,8 +54,9 @@ def inspect_spectrum(source, max_factors: int = 10, *, seed: int = 0, device="au
                           f"{rank_tol:.0e}·λ1 (numerical rank {rank} of {min(n - 1, p)})")
         else:
             cond_basis = (f"the {method} solver determines only the leading {all_sv.size} singular values, so λ_min "
-                          f"is the smallest of those above {rank_tol:.0e}·λ1 and the condition number is a lower "
-                          f"bound; use method='exact' (p ≤ a few thousand) for the full spectrum")
+                          f"is the smallest of those above {rank_tol:.0e}·λ1 (Ritz values of the unconverged tail): "
+                          f"usually a lower bound of the condition number, not an exact value; the exact solver "
+                          f"(p ≤ {INSPECT_EXACT_MAX_FEATURES} here) gives the full spectrum")
     lam1 = float(sv[0])
     nonzero = all_sv[all_sv > max(rank_tol, 0.0) * lam1] if lam1 > 0 else all_sv[:0]
     lam_min = float(nonzero[-1]) if nonzero.size else 0.0
