@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import FnconvertError
+from .errors import FnconvertError, short_reason
 
 TORCHVISION_NAMES = ("cifar10", "cifar100", "mnist", "fashion-mnist")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -410,6 +410,4 @@ def _read_images(files: Sequence[Path]) -> np.ndarray:
     return arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
 
 
-def _short(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return (text[:160] + "…") if len(text) > 160 else (text or type(e).__name__)
+_short = short_reason  # one implementation, in errors.py

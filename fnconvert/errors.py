@@ -30,3 +30,13 @@ class VerificationError(FnconvertError):
 
     def __init__(self, message: str):
         super().__init__(message, EXIT_VERIFY_FAILED)
+
+
+def short_reason(e: BaseException, limit: int = 200) -> str:
+    """An exception as one short line for a user message (TorchScript's multi-line traceback reduced to its error)."""
+    text = str(e)
+    if "Traceback of TorchScript" in text:  # keep the error itself, not TorchScript's multi-line traceback
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        text = lines[-1].split(": ", 1)[-1] if lines[-1].split(":", 1)[0].endswith("Error") else lines[-1]
+    text = " ".join(text.split())
+    return (text[:limit] + "…") if len(text) > limit else (text or type(e).__name__)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import FnconvertError
+from .errors import FnconvertError, short_reason
 from .log import jit_deprecation_silenced
 
 TMP_PREFIX = ".fnconvert-tmp-"
@@ -116,9 +116,7 @@ def export_pt2(deploy: torch.nn.Module, example: torch.Tensor, final: Path) -> s
     return None
 
 
-def _short(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return (text[:240] + "…") if len(text) > 240 else (text or type(e).__name__)
+_short = short_reason  # one implementation, in errors.py
 
 
 def plot_curves(history: list[dict], final: Path, *, accuracy_before: float | None = None) -> None:

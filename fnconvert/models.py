@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FnconvertError
+from .errors import FnconvertError, short_reason
 
 TRUST_FLAG = "--trust-model-code"
 MIN_TORCH_FOR_PT = (2, 6)  # CVE-2025-32434: weights_only=True could be bypassed before torch 2.6
@@ -367,11 +367,5 @@ def _torch_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def _short(e: BaseException) -> str:
-    text = str(e)
-    if "Traceback of TorchScript" in text:  # keep the error itself, not TorchScript's multi-line traceback
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        text = lines[-1].split(": ", 1)[-1] if lines[-1].split(":", 1)[0].endswith("Error") else lines[-1]
-    text = " ".join(text.split())
-    return (text[:200] + "…") if len(text) > 200 else (text or type(e).__name__)
+_short = short_reason  # one implementation, in errors.py
 

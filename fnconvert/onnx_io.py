@@ -35,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from . import onnx_surgery as S
-from .errors import FnconvertError
+from .errors import FnconvertError, short_reason
 from .log import NULL_LOG, Log
 
 #: Above this the FN model is saved with its tensors in ``model_fn.onnx.data`` (protobuf's 2 GB limit).
@@ -712,6 +712,4 @@ def _refuse_unsupported(nodes) -> None:
         )
 
 
-def _short(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return (text[:200] + "…") if len(text) > 200 else (text or type(e).__name__)
+_short = short_reason  # one implementation, in errors.py

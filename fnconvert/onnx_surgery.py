@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import FnconvertError
+from .errors import FnconvertError, short_reason
 
 #: Metadata keys written on the FN model; the same as the PyTorch path's export.
 META_KEYS = ("fnconvert.version", "fnconvert.factors", "fnconvert.singular_values", "fnconvert.preprocessing",
@@ -417,6 +417,4 @@ def check(model: onnx.ModelProto | str) -> None:
                              "the source model attached")
 
 
-def _short(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return (text[:240] + "…") if len(text) > 240 else (text or type(e).__name__)
+_short = short_reason  # one implementation, in errors.py

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import FnconvertError
+from .errors import FnconvertError, short_reason
 
 # Ops that merely reshape or copy the final layer's output: z·C can be added after them just as well.
 _PASSTHROUGH = {
@@ -314,10 +314,4 @@ def build_fn_model(model: nn.Module, factors, calib_batches, example: torch.Tens
     return fn, analysis
 
 
-def _short(e: BaseException) -> str:
-    text = str(e)
-    if "Traceback of TorchScript" in text:  # keep the error itself, not TorchScript's multi-line traceback
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        text = lines[-1].split(": ", 1)[-1] if lines[-1].split(":", 1)[0].endswith("Error") else lines[-1]
-    text = " ".join(text.split())
-    return (text[:200] + "…") if len(text) > 200 else (text or type(e).__name__)
+_short = short_reason  # one implementation, in errors.py
