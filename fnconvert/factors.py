@@ -59,10 +59,12 @@ EXACT_MAX_FEATURES = 512
 # Randomized solver settings (see _fit_randomized).
 _TOL = 2e-5  # target for the estimated sine of the subspace error and the relative eigenvalue error (goal: 1e-4)
 _TOL_CLUSTER = 1e-2  # relative error of λ²_{d+1} accepted when it sits in a flat cluster (see _fit_randomized)
-_BLOCK: int | None = None  # block size override (benchmarks); default from d, see _fit_randomized
+_BLOCK: int | None = None  # first block size override (benchmarks); default from d, see _fit_randomized
+_EXTEND: int | None = None  # later block size override (benchmarks; 0 = full Krylov blocks); see _fit_randomized
 _MAX_PASSES = 16  # data passes before giving up (with a warning) on convergence
 _BASIS_BYTES = 192 * 2**20  # float64 Krylov basis + its image; the basis restarts when it would outgrow this
 _CHUNK_BYTES = 32 * 2**20  # row chunk for in-memory arrays: big enough for efficient GEMMs, small next to the data
+_PAD_COLUMNS = 16  # CPU passes multiply blocks padded to a multiple of this many columns (see _SketchPass.run)
 _FLUSH_ROWS = 8192  # rows accumulated in the work precision before a float64 flush
 # float32 data passes resolve singular values down to ~3e-4·λ1 (measured on rank-3 data: λ4/λ1 came out
 # 0.7–2.9e-4); below this threshold a float64 refinement pass decides whether λ_{d+1} is really zero.
@@ -631,6 +633,7 @@ def _agree_on_shift(first, p: int, dev, comm: _Comm):
     acc = torch.zeros(p + 1, dtype=torch.float64, device=dev)
     if first is not None:
         x = first[1]
+        x = x[:256]  # any point near the data does; a few hundred rows tell where they sit
         acc[:p] = x.sum(0).to(torch.float64) / x.shape[0]  # (a float64-accumulating sum is 10× slower)
         acc[p] = 1.0
     comm.sum_(acc)
@@ -770,6 +773,12 @@ class _SketchPass:
         cQ = (shift @ Q).to(self.work)  # shiftᵀQ in float64, rounded once
         self._Qw64, self._c64, self._explicit = Qw.to(torch.float64), cQ.to(torch.float64), explicit
         self._shift = shift_w.to(torch.float64)  # the shift as actually subtracted (explicit mode)
+        if self.dev.type == "cpu" and b % _PAD_COLUMNS:
+            # Zero columns up to a multiple of 16: MKL runs the skinny GEMMs of a pass 1.3–3.5× slower at
+            # other widths (50k×3,072 float32, 2 cores: 0.45 s at 8 columns, 0.40 s at 11, 0.13 s at 16).
+            b = -(-b // _PAD_COLUMNS) * _PAD_COLUMNS
+            Qw = torch.cat([Qw, Qw.new_zeros(p, b - Qw.shape[1])], 1)
+            cQ = torch.cat([cQ, cQ.new_zeros(b - cQ.shape[0])])
         Z = torch.zeros(p, b, dtype=torch.float64, device=self.dev)
         Zw = torch.zeros(p, b, dtype=self.work, device=self.dev)
         colsum = torch.zeros(p, dtype=torch.float64, device=self.dev)
@@ -782,21 +791,19 @@ class _SketchPass:
         def consume(row0, x):
             # Few, large ops per batch: on a busy CPU every small op costs a thread hand-off.
             nonlocal rows, pending, buf
-            with _threads(self.dev, self.threads):
-                x = x.to(self.work)  # no-op unless a batch came in another dtype than the first
-                if explicit:
-                    # Subtract into a reused buffer: a fresh chunk per batch costs more than the GEMMs.
-                    if buf is None or buf.shape[0] < x.shape[0]:
-                        buf = torch.empty_like(x)
-                    xs = torch.sub(x, shift_w, out=buf[: x.shape[0]])
-                    Zw.addmm_(xs.T, xs @ Qw)
-                else:
-                    xs = x
-                    Zw.addmm_(x.T, torch.addmm(cQ, x, Qw, beta=-1))  # xᵀ(x·Q − 1·cᵀ)
-                if first_pass:
-                    s = _colsum(xs)  # Σ(x − shift) if explicit, Σx if not
-                    norms = torch.linalg.vector_norm(xs, dim=1)
+            x = x.to(self.work)  # no-op unless a batch came in another dtype than the first
+            if explicit:
+                # Subtract into a reused buffer: a fresh chunk per batch costs more than the GEMMs.
+                if buf is None or buf.shape[0] < x.shape[0]:
+                    buf = torch.empty_like(x)
+                xs = torch.sub(x, shift_w, out=buf[: x.shape[0]])
+                Zw.addmm_(xs.T, xs @ Qw)
+            else:
+                xs = x
+                Zw.addmm_(x.T, torch.addmm(cQ, x, Qw, beta=-1))  # xᵀ(x·Q − 1·cᵀ)
             if first_pass:
+                s = _colsum(xs)  # Σ(x − shift) if explicit, Σx if not
+                norms = torch.linalg.vector_norm(xs, dim=1)
                 _check_finite_batch(x, row0, s, self.comm)
                 colsum.add_(s)
                 sumsq.add_(norms.to(torch.float64).square().sum())
@@ -808,10 +815,13 @@ class _SketchPass:
                 pending = 0
 
         def loop():
-            if first is not None:
-                consume(*first)
-            for row0, x in batches if batches is not None else self.source.batches(self.dev, self.work):
-                consume(row0, x)
+            # All threads for the whole pass (switching per batch cost ~10 ms a fit): the batch-sized work is
+            # parallel, and the few small ops per batch stay under torch's grain size, so they run serially.
+            with _threads(self.dev, self.threads):
+                if first is not None:
+                    consume(*first)
+                for row0, x in batches if batches is not None else self.source.batches(self.dev, self.work):
+                    consume(row0, x)
 
         errors.guard(loop)
         errors.raise_if_any()
@@ -825,6 +835,7 @@ class _SketchPass:
                 # here (implicit mode is only chosen when ‖s‖ ≤ 8·spread), on per-row float32 norms.
                 stats[1] = sumsq - 2 * (shift @ colsum) + rows * (shift @ shift)
                 colsum.sub_(shift, alpha=rows)  # Σx → Σ(x − shift)
+        Z = Z[:, : Q.shape[1]].contiguous()
         for t in (Z, colsum, stats):
             self.comm.sum_(t)
         if not math.isfinite(float(Z.sum())):  # NaN/inf propagate into the sum; one scalar to check
@@ -852,10 +863,16 @@ class _SketchPass:
 def _colsum(x):
     """Σ over rows in float64, from float32 sums over 64-row slices. A float64-accumulating torch.sum is ~10×
     slower; one float32 sum over thousands of uncentred rows loses ~5e-8 relative. Slices of 64 keep the mean
-    within 1e-8 (CIFAR-10: 1.5e-8 on 3,000 rows, 3.6e-9 on 50,000) for 1.1× the time of a plain sum."""
+    within 1e-8 (CIFAR-10: 1.5e-8 on 3,000 rows, 3.6e-9 on 50,000) for 1.1× the time of a plain sum. One
+    reduction over a (rows/64, 64, p) view instead of a sum per slice: a Python loop of small ops cost 2× more."""
     import torch
 
-    return torch.stack([x[i : i + 64].sum(0) for i in range(0, x.shape[0], 64)]).to(torch.float64).sum(0)
+    n, p = x.shape
+    m = n - n % 64
+    total = x[:m].reshape(-1, 64, p).sum(1).to(torch.float64).sum(0)
+    if m < n:
+        total += x[m:].sum(0).to(torch.float64)
+    return total
 
 
 def _orth_block(W, basis, tol: float):
@@ -867,18 +884,30 @@ def _orth_block(W, basis, tol: float):
     if scale == 0.0:
         return W[:, :0]
     W = W / scale
-    for _ in range(2):  # project twice: enough for full orthogonality in float64 (Kahan–Parlett "twice is enough")
-        if basis is not None and basis.shape[1]:
-            W = W - basis @ (basis.T @ W)
-    # Rank-revealing SVD (not eigh of WᵀW: its rounding, eps·‖W‖², would hide directions below √eps ≈ 1e-8).
-    U, S, _ = torch.linalg.svd(W, full_matrices=False)
-    U = U[:, S > tol]
+    # Block Gram–Schmidt twice (Kahan–Parlett "twice is enough"), the rank decision between the two projections:
+    # after one, W keeps basis components of only ~eps, far under tol, so the kept singular values are right; the
+    # second projection removes those components, which the normalisation below magnified by at most 1/tol.
+    if basis is not None and basis.shape[1]:
+        W = W - basis @ (basis.T @ W)
+    if tol >= 1e-6:
+        # Rank-revealing eigh of the Gram WᵀW, largest first: its rounding, eps·‖W‖², hides only directions below
+        # √eps ≈ 1e-8, far under tol, and it costs a fifth of an SVD of W (p = 3,072, 64 columns: 1 vs 5 ms).
+        s2, V = torch.linalg.eigh(W.T @ W)
+        keep = (s2 > tol * tol).flip(0)
+        s2, V = s2.flip(0)[keep], V.flip(1)[:, keep]
+        U = W @ (V / s2.sqrt())
+    else:
+        # Rank-revealing SVD: a Gram matrix would hide the directions below √eps that this tolerance keeps.
+        U, S, _ = torch.linalg.svd(W, full_matrices=False)
+        U = U[:, S > tol]
     if U.shape[1] == 0:
         return U
     if basis is not None and basis.shape[1]:
         U = U - basis @ (basis.T @ U)
-    U, _ = torch.linalg.qr(U)
-    return U
+    # Cholesky QR: U is orthonormal to ~eps/tol² already, so one step restores it to rounding. Column order (most
+    # significant first) is kept, which the callers rely on when they cut a block short.
+    L = torch.linalg.cholesky(U.T @ U)
+    return torch.linalg.solve_triangular(L, U.T, upper=False).T
 
 
 @contextlib.contextmanager
@@ -908,13 +937,12 @@ def _fit_randomized(it, first, source: _Source, d: int, p: int, dev, seed: int, 
 
     work = source.dtype if source.dtype in (torch.float32, torch.float64) else torch.float32
     eps = float(torch.finfo(work).eps)
-    # Block size: the d+1 wanted values plus oversampling; at least 16 because skinny float32 GEMMs with fewer
-    # columns are no faster per pass (measured), and more columns per pass mean fewer passes.
-    b = min(p, _BLOCK or max(16, 2 * (d + 1) + 2))
+    # Block sizes: b columns in the first pass (the d + 1 wanted values plus oversampling), r in later ones.
+    b, r = _block_sizes(d, p)
     m_max = min(p, (_MAX_PASSES + 1) * b, max(2 * b, _BASIS_BYTES // (16 * p)))
     gen = torch.Generator().manual_seed(seed)  # CPU generator: the same start on every device and rank
     omega = torch.randn(p, b, generator=gen, dtype=torch.float64).to(dev)
-    Q = _orth_block(omega, None, 1e-12)
+    Q = _orth_block(omega, None, 1e-6)  # a Gaussian block is well conditioned: the cheap Gram path suffices
     # In-memory data: start from a cheap estimate on a row subsample instead of the random block (saves 1–2 of
     # the 3–5 passes on CIFAR-10); its estimate also seeds the convergence history.
     warm = None if comm.active else _warm_start(source, Q, d, dev, work, threads)
@@ -948,7 +976,7 @@ def _fit_randomized(it, first, source: _Source, d: int, p: int, dev, seed: int, 
     tiny = torch.finfo(torch.float64).tiny
     budget = _MAX_PASSES
     while True:
-        U, vals = kry.estimate(min(b, kry.k))
+        U, vals = kry.estimate(min(max(r, d + 1), kry.k))  # the vectors the next block and the result need
         if prev is not None:
             ch = _sin_between(U[:, :d], prev[0])
             rel = ((vals[: d + 1] - prev[1][: d + 1]).abs() / vals[: d + 1].clamp_min(tiny)).cpu()
@@ -973,7 +1001,7 @@ def _fit_randomized(it, first, source: _Source, d: int, p: int, dev, seed: int, 
             work = torch.float64
             sketch = _SketchPass(source, p, dev, work, comm, threads)
             defl_tol = 1e-12
-            Q = _orth_block(U, None, defl_tol)
+            Q = _orth_block(kry.estimate(min(b, kry.k))[0], None, defl_tol)
             kry.k, prev, converged, invariant = 0, None, False, False
             history.clear()
             budget = passes + _MAX_PASSES
@@ -984,12 +1012,23 @@ def _fit_randomized(it, first, source: _Source, d: int, p: int, dev, seed: int, 
         elif kry.k >= m_max:
             # Out of room (only when p·m_max floats exceed _BASIS_BYTES): restart from the current best
             # estimates, which keep the converging directions.
-            Q = _orth_block(U, None, defl_tol)
+            Q = _orth_block(kry.estimate(b)[0], None, defl_tol)
             kry.k = 0
         else:
-            # Block Lanczos with full reorthogonalisation, in float64 on p×m matrices: cheap next to a pass.
-            # The last block is cut to the room left; when m_max = p that room is the rest of the space.
-            Q = _orth_block(kry.newest_images(), kry.K, defl_tol)[:, : m_max - kry.k]
+            # The next block: the part of the r leading estimates outside span(K), orthonormalised in float64.
+            # The estimates come from A·K, so this is the newest Krylov block compressed to the r directions
+            # that matter for the top d + 1 (a full block adds b columns for the same gain; see _block_sizes).
+            # The estimates enter scaled by their values (as the images A·K·w they are), so a direction counts as
+            # already in span(K) when its new part is below the passes' rounding, defl_tol × the top value; unit
+            # vectors would keep pushing noise directions whose values are at that rounding level. The block is
+            # empty only when the estimates lie in span(K); then the full block decides whether span(K) is
+            # invariant. The last block is cut to the room left (m_max = p: the rest).
+            Q = _orth_block(U[:, :r] * vals[:r], kry.K, defl_tol) if r else U[:, :0]
+            if Q.shape[1] < max(r, 1):
+                # Top up from the full block: the columns cost (nearly) nothing extra in the pass.
+                basis = torch.cat([kry.K, Q], 1)
+                Q = torch.cat([Q, _orth_block(kry.newest_images(), basis, defl_tol)[:, : (r or b) - Q.shape[1]]], 1)
+            Q = Q[:, : m_max - kry.k]
         if Q.shape[1] == 0:
             invariant = True  # span(K) is A-invariant: the estimate is exact
             continue
@@ -1036,6 +1075,25 @@ def _fit_randomized(it, first, source: _Source, d: int, p: int, dev, seed: int, 
     factors = Factors(_np(mean), _np(V), _np(B), _np(sv[: d + 1]), N, tss, label)
     spectrum = Spectrum(_np(sv), bool(invariant), rank, rtol, passes, 0.0 if invariant else est_sub)
     return factors, spectrum
+
+
+def _block_sizes(d: int, p: int) -> tuple[int, int]:
+    """(b, r): the first data pass multiplies a block of b columns, every later pass r columns (0: full
+    b-column Krylov blocks).
+
+    A wide first block gets the d + 1 wanted directions and their neighbours under way at once; after it only the
+    r leading estimates need pushing further (see the loop in _fit_randomized). Multiples of 16 because the
+    skinny float32 GEMMs of a pass run at full speed there and not between (2-core EPYC, MKL, 50k × 3,072, time
+    per pass: 16 columns 0.13 s, 24: 0.17 s, 32: 0.18 s, 48: 0.22 s, 64: 0.27 s; 11 columns 0.40 s). On CIFAR-10
+    at d = 10 (λ10/λ11 = 1.047, 50k rows) the top-10 error after passes 1–4 was 3e-2, 3e-3, 9e-5, 2e-6 with
+    (b, r) = (32, 16), 0.57 s of GEMMs, against 3e-2, 2e-3, 7e-5, 2e-6 with full blocks of 24, 0.68 s; a first
+    block of 64 saved the fourth pass but cost as much in the first one and in the warm start."""
+    def up16(n: int) -> int:
+        return -(-n // 16) * 16
+
+    b = min(p, _BLOCK or max(16, up16(2 * (d + 1) + 2)))
+    r = min(b, up16(d + 1 + 4)) if _EXTEND is None else min(b, _EXTEND)
+    return b, r
 
 
 class _Krylov:
@@ -1147,7 +1205,7 @@ def _warm_start(source: _Source, Q, d: int, dev, work, threads: int):
             AQ = (S.T @ (S @ Qw)).to(torch.float64)
         if step == 0:
             kry.reset(Q, AQ)
-            Q = _orth_block(AQ, kry.K, 1e-12)
+            Q = _orth_block(AQ, kry.K, 1e-6)  # an estimate only: directions below 1e-6 do not matter
             if Q.shape[1] == 0:
                 return None
         else:
