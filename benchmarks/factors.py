@@ -10,7 +10,10 @@ Errors are against the float64 exact answer (float64 Gram + eigh of the centred 
 principal angle between the top-d subspaces, ‖(I − Q2Q2ᵀ)Q1‖₂ computed in float64, and max_j |λj/λ1 − λj*/λ1*|
 over j = 1..d+1. Timings are medians over ``--repeats`` interleaved runs (methods in rotating order, so a busy
 machine hits all of them alike); "fn/sk" is the median of per-round ratios fnconvert/sklearn, measured side by
-side in the same process.
+side in the same process. Each timed call starts after ``--settle`` seconds of idle: the BLAS thread pool of the
+method before (OpenBLAS under sklearn, MKL/OpenMP under torch) keeps spinning for a moment after it returns and
+slows whatever runs next (measured: fnconvert at d = 10 on 10k rows took 0.26 s right after sklearn, 0.19 s
+after a 0.5 s pause or alone). ``--settle 0`` measures back to back.
 """
 
 from __future__ import annotations
@@ -113,6 +116,8 @@ def main() -> None:
     ap.add_argument("--rows", default="10000,50000", help="comma-separated row counts (>10k stacks with noise)")
     ap.add_argument("--d", default="1,10", help="comma-separated factor counts")
     ap.add_argument("--gram-repeats", type=int, default=1, help="runs of the (slow, d-independent) Gram methods")
+    ap.add_argument("--settle", type=float, default=0.3,
+                    help="idle seconds before each timed call, so no method pays for the previous one's threads")
     args = ap.parse_args()
     if not DATA.is_file():
         sys.exit(f"{DATA} is missing; see ../shared/data/README.md")
@@ -145,6 +150,7 @@ def main() -> None:
             for r in range(args.repeats):
                 order = names[r % len(names):] + names[: r % len(names)]
                 for m in order:
+                    time.sleep(args.settle)
                     t, (V, s) = timed(methods[m], r)
                     times[m].append(t)
                     errs.setdefault(m, errors(V, s, V_ref, s_ref, d))
@@ -166,7 +172,7 @@ def main() -> None:
     load1 = os.getloadavg()
     print("\n" + "\n".join(table))
     print(f"\nload average at end {load1[0]:.2f}; the Gram rows are d-independent (one fit of the top "
-          f"{max(d_list) + 1}, {args.gram_repeats} run(s)).")
+          f"{max(d_list) + 1}, {args.gram_repeats} run(s)); {args.settle:g} s idle before each timed call.")
 
 
 if __name__ == "__main__":

@@ -1195,14 +1195,15 @@ def _warm_start(source: _Source, Q, d: int, dev, work, threads: int):
     starts = np.linspace(0, arr.shape[0] - run, 8).astype(int)
     with _threads(dev, threads):
         S = torch.cat([source._prepare(arr[s : s + run], dev, work, where="X") for s in starts])
-        S = S - S.mean(0)
-    if not math.isfinite(float(S.sum())):
+        mu = S.mean(0)
+    if not math.isfinite(float(mu.sum())):
         return None  # the full pass will name the bad sample
     kry = _Krylov(p, 2 * b, dev)
     for step in range(2):
         Qw = Q.to(work)
         with _threads(dev, threads):
-            AQ = (S.T @ (S @ Qw)).to(torch.float64)
+            # Centred without a centred copy: the rows of S·Q − 1·(μᵀQ) sum to zero, so Sᵀ of them is Scᵀ of them.
+            AQ = (S.T @ torch.addmm(mu @ Qw, S, Qw, beta=-1)).to(torch.float64)
         if step == 0:
             kry.reset(Q, AQ)
             Q = _orth_block(AQ, kry.K, 1e-6)  # an estimate only: directions below 1e-6 do not matter

@@ -268,6 +268,64 @@ def test_small_p_randomized_closes_the_krylov_space():
     np.testing.assert_allclose(f.singular_values, s[:3], rtol=1e-6)
 
 
+# ------------------------------------------------------------------------------------------------ solver parts
+
+
+@pytest.mark.parametrize("width", [1, 11, 16, 21])
+@pytest.mark.parametrize("explicit", [False, True])
+def test_sketch_pass_with_padded_block_equals_float64_product(cifar_x, width, explicit):
+    # CPU passes pad blocks to a multiple of 16 columns for speed; the product must not change.
+    import fnconvert.factors as F
+
+    X = cifar_x[:3000]
+    X64 = X.astype(np.float64)
+    mean = X64.mean(0)
+    A = (X64 - mean).T @ (X64 - mean)
+    Q, _ = np.linalg.qr(np.random.default_rng(width).standard_normal((X.shape[1], width)))
+    src = F._Source(X)
+    sketch = F._SketchPass(src, X.shape[1], torch.device("cpu"), torch.float32, F._Comm())
+    shift = torch.from_numpy(X64[:256].mean(0)).to(torch.float32).to(torch.float64)
+    Z, _, stats = sketch.run(torch.from_numpy(Q), shift, explicit)
+    AQ = sketch.to_AQ(Z, torch.from_numpy(mean), int(stats[0])).numpy()
+    assert AQ.shape == (X.shape[1], width)
+    assert np.abs(AQ - A @ Q).max() <= 1e-5 * np.abs(A @ Q).max()
+
+
+@pytest.mark.parametrize("tol", [1e-5, 1e-12])  # the Gram path and the SVD path
+def test_orth_block_is_orthonormal_and_drops_directions_in_the_basis(tol):
+    from fnconvert.factors import _orth_block
+
+    rng = np.random.default_rng(0)
+    basis, _ = np.linalg.qr(rng.standard_normal((500, 20)))
+    new = rng.standard_normal((500, 6))
+    # 6 new directions (one of them weak, 1e-3) plus 4 that lie in the basis (to 1e-9 relative): expect 6 back.
+    W = np.hstack([new * np.array([1, 1, 1, 1, 1, 1e-3]), basis[:, :4] @ rng.standard_normal((4, 4))])
+    W[:, 6:] += 1e-9 * rng.standard_normal((500, 4))
+    U = _orth_block(torch.from_numpy(W), torch.from_numpy(basis), tol).numpy()
+    kept = 6 if tol >= 1e-6 else 10  # the SVD path keeps the 1e-9 parts too, as it should at 1e-12
+    assert U.shape == (500, kept)
+    np.testing.assert_allclose(U.T @ U, np.eye(kept), atol=1e-12)
+    assert np.abs(basis.T @ U).max() <= 1e-12
+    P = new - basis @ (basis.T @ new)
+    assert sin_theta(P, U) <= 1e-8  # the six new directions are all in span(U)
+
+
+def test_compressed_blocks_agree_with_full_krylov_blocks(cifar_x, cifar_reference, monkeypatch):
+    # Later passes push only the leading estimates (16 columns) instead of whole Krylov blocks; both must meet
+    # the goal on the same data, and the compressed ones must not need more passes.
+    import fnconvert.factors as F
+
+    s_ref, V_ref = cifar_reference
+    out = {}
+    for extend in (None, 0):
+        monkeypatch.setattr(F, "_EXTEND", extend)
+        f, spec = fit_factors_with_spectrum(cifar_x, 10, method="randomized")
+        out[extend] = spec.passes
+        assert sin_theta(f.V, V_ref[:, :10]) <= 1e-4
+        assert np.abs(f.singular_values / f.singular_values[0] - s_ref / s_ref[0]).max() <= 1e-4
+    assert out[None] <= out[0]
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 
 
