@@ -349,6 +349,16 @@ def test_rank_deficient_data_refuses_d_at_rank(method):
     assert "\n" not in msg
 
 
+@pytest.mark.parametrize("batch", [16, 32, 64])
+def test_streamed_rank2_data_far_below_d_is_refused_cleanly(cifar_x, batch):
+    # 60 rows of 3 distinct images (centred rank 2), streamed, d = 10: the Krylov basis is mostly null space,
+    # which once turned into inf/NaN inside the solver; the answer must be the one-line rank refusal.
+    X = np.concatenate([cifar_x[i % 3 : i % 3 + 1] for i in range(60)])
+    with pytest.raises(FnconvertError) as exc:
+        fit_factors([X[i : i + batch] for i in range(0, 60, batch)], 10)
+    assert "d=10" in str(exc.value) and "rank 2" in str(exc.value)
+
+
 def test_small_but_real_lambda_is_not_taken_for_zero():
     # λ4/λ1 ≈ 5e-5: below float32 resolution of the randomized passes, so a float64 pass must decide.
     rng = np.random.default_rng(0)
