@@ -310,6 +310,18 @@ def test_orth_block_is_orthonormal_and_drops_directions_in_the_basis(tol):
     assert sin_theta(P, U) <= 1e-8  # the six new directions are all in span(U)
 
 
+def test_krylov_basis_cut_and_restart_when_out_of_room(cifar_x, cifar_reference, monkeypatch):
+    # A small basis budget forces a block cut short at the room left, then a restart from the best estimates.
+    import fnconvert.factors as F
+
+    monkeypatch.setattr(F, "_BASIS_BYTES", 16 * cifar_x.shape[1] * 40)  # room for 40 basis columns
+    f, spec = fit_factors_with_spectrum(cifar_x, 6, method="randomized", seed=1)
+    s_ref, V_ref = cifar_reference
+    assert spec.passes >= 4  # 16 + 16 + 8 columns fill the room; at least one restart follows
+    assert sin_theta(f.V, V_ref[:, :6]) <= 1e-4
+    np.testing.assert_allclose(f.singular_values / f.singular_values[0], s_ref[:7] / s_ref[0], atol=1e-4)
+
+
 def test_compressed_blocks_agree_with_full_krylov_blocks(cifar_x, cifar_reference, monkeypatch):
     # Later passes push only the leading estimates (16 columns) instead of whole Krylov blocks; both must meet
     # the goal on the same data, and the compressed ones must not need more passes.
