@@ -136,6 +136,31 @@ def test_logistic_regression_on_mnist_keeps_accuracy_without_finetuning(mnist_np
         np.testing.assert_allclose(torch.jit.load(str(out / "model_fn.pt"))(x).numpy(), got[:200], atol=1e-4)
 
 
+@pytest.mark.data
+def test_factors_auto_takes_the_eigenvalue_ratio_choice_and_reports_why(mnist_npz, mnist_arrays, tmp_path):
+    """--factors auto: d is Ahn & Horenstein's argmax of μk/μk+1 (k ≤ 10), checked against numpy's float64 SVD."""
+    torch.manual_seed(0)
+    model = logreg(784).eval()
+    x_tr = to_nchw01(mnist_arrays["x_train"])
+    path = tmp_path / "logreg.pt2"
+    ep = torch.export.export(model, (torch.from_numpy(x_tr[:2]),),
+                             dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(ep, str(path))
+
+    X = x_tr.reshape(len(x_tr), -1).astype(np.float64)
+    mu = np.linalg.svd(X - X.mean(0), compute_uv=False) ** 2
+    ratios = mu[:10] / mu[1:11]
+    k = int(np.argmax(ratios)) + 1
+    assert np.sort(ratios)[-1] > 1.01 * np.sort(ratios)[-2]  # a clear winner, so the check is meaningful
+
+    out = tmp_path / "out"
+    report = _transform(path, "--data", mnist_npz, "--factors", "auto", "--no-finetune", "--out", out, "--json",
+                        "--quiet")
+    assert report["factors"] == k
+    assert "Ahn & Horenstein" in report["factors_choice"] and f"μ{k}/μ{k + 1}" in report["factors_choice"]
+    np.testing.assert_allclose(report["singular_values"], np.sqrt(mu[: k + 1]), rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------ must-hold 3
 
 
