@@ -99,6 +99,20 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path
                           stdin=subprocess.DEVNULL, env=full_env, timeout=timeout, cwd=cwd)
 
 
+def deny_reading(monkeypatch, path: Path) -> None:
+    """Make ``open(path)`` fail with EACCES. Tests may run as root, for whom chmod 000 does not block reading."""
+    import builtins
+
+    real_open = builtins.open
+
+    def deny(file, *a, **k):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", deny)
+
+
 def assert_one_line_error(stderr: str, *needles: str) -> str:
     """stderr is exactly one ``error: ...`` line (no traceback, no ANSI codes) that contains every needle."""
     assert not ANSI.search(stderr), f"ANSI escape codes in stderr: {stderr!r}"

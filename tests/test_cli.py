@@ -4,7 +4,6 @@ without a TTY to check exit codes and that stderr holds no ANSI escape codes."""
 
 from __future__ import annotations
 
-import builtins
 import json
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 import torchvision
 from typer.testing import CliRunner
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, deny_reading, run_cli
 from fnconvert_cli.main import app
 
 runner = CliRunner()
@@ -104,17 +103,9 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, tmp_path, bad, cnn
 
 
 def test_unreadable_model_file(tmp_path, cifar_tiny, cnn_pt2, monkeypatch):
-    # Tests may run as root, for whom chmod 000 does not block reading: make the read itself fail.
     locked = tmp_path / "locked.pt2"
     locked.write_bytes(cnn_pt2.read_bytes())
-    real_open = builtins.open
-
-    def deny(file, *a, **k):
-        if str(file) == str(locked):
-            raise PermissionError(13, "Permission denied", str(file))
-        return real_open(file, *a, **k)
-
-    monkeypatch.setattr(builtins, "open", deny)
+    deny_reading(monkeypatch, locked)
     out = tmp_path / "OUT"
     result = _invoke("transform", locked, "--data", cifar_tiny, "--out", out)
     _assert_refused(result, out, "locked.pt2", "cannot be read", "permissions")

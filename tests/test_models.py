@@ -13,6 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
+from conftest import deny_reading
 from fnconvert.errors import FnconvertError
 from fnconvert.models import detect_format, load_model
 
@@ -188,19 +189,9 @@ def test_missing_empty_unknown_and_unreadable(tmp_path, monkeypatch):
         z.writestr("readme.txt", "hi")
     with pytest.raises(FnconvertError, match="zip archive of unknown layout"):
         load_model(tmp_path / "other.zip")
-    # unreadable: as root chmod 000 does not block reading, so make the read itself fail
-    locked = tmp_path / "locked.pt"
+    locked = tmp_path / "locked.pt"  # unreadable
     locked.write_bytes(b"\x80\x02")
-    import builtins
-
-    real_open = builtins.open
-
-    def deny(file, *a, **k):
-        if str(file) == str(locked):
-            raise PermissionError(13, "Permission denied", str(file))
-        return real_open(file, *a, **k)
-
-    monkeypatch.setattr(builtins, "open", deny)
+    deny_reading(monkeypatch, locked)
     with pytest.raises(FnconvertError, match="cannot be read.*Permission denied.*permissions"):
         load_model(locked)
 
