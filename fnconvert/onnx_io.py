@@ -229,10 +229,10 @@ def transform_onnx(opts, ds, loaded, log: Log = NULL_LOG) -> dict:
     """``pipeline.transform`` for an ONNX source: same options, same artifacts, same report keys."""
     from .export import export_pt2, export_torchscript
     from .finetune import TrainConfig, config_hash, evaluate, finetune, train_config_dict
-    from .pipeline import (_check_labels, finish, fit_for_transform, fn_metadata, open_out, resolve_device,
-                           write_statistics)
+    from .pipeline import (_check_labels, fit_for_transform, fn_metadata, open_out, resolve_device,
+                           verify_and_finish)
     from .surgery import FNModel, OutputAnalysis, calibrate_head
-    from .verify import compare, open_session, providers_for
+    from .verify import providers_for
 
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -308,26 +308,17 @@ def transform_onnx(opts, ds, loaded, log: Log = NULL_LOG) -> dict:
         pt2_skipped = export_pt2(deploy, example_cpu, stage / "model_fn.pt2")
     else:
         pt2_skipped = "--no-finetune on an ONNX source is graph surgery only; no torch module is made"
-    if pt2_skipped:
-        log.info(f"model_fn.pt2 not written: {pt2_skipped}")
-    write_statistics(stage, factors, spectrum, history, accuracy_before)
-    timings["export"] = time.perf_counter() - t0
-
     # The reference computes FN its own way: the torch FN model (fine-tuned: the torch view of the graph), or, for
     # surgery only, torch's split (x − μ)·V, onnxruntime's source graph on that residual, then + z·C and the tail.
-    t0 = time.perf_counter()
-    check = compare(open_session(stage / "model_fn.onnx", opts.provider), deploy, ds.test, atol=opts.atol)
-    timings["verify"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_all
-    return finish(out, stage, opts, log, loaded=loaded, ds=ds, factors=factors, d_reason=d_reason, cfg=cfg,
-                  calib_samples=len(calib_idx), accuracy_before=accuracy_before,
-                  accuracy_calibrated=accuracy_calibrated, history=history, check=check, pt2_skipped=pt2_skipped,
-                  timings=timings, device=device, source_extra={"opset": S.opset_of(source)},
-                  input_info={"name": spec.name, "shape": ["batch", *ds.train.input_shape], "dtype": "float32"},
-                  output_info={"name": head.output, "classes": num_classes, "activation": head.tail,
-                               "final_layer": head.dense},
-                  reference="torch FN model" if epochs > 0 else "onnxruntime source graph on the residual + z·C",
-                  also=(EXTERNAL_DATA_NAME,))
+    return verify_and_finish(
+        out, stage, opts, log, deploy=deploy, spectrum=spectrum, t_export=t0, t_all=t_all, loaded=loaded, ds=ds,
+        factors=factors, d_reason=d_reason, cfg=cfg, calib_samples=len(calib_idx), accuracy_before=accuracy_before,
+        accuracy_calibrated=accuracy_calibrated, history=history, pt2_skipped=pt2_skipped, timings=timings,
+        device=device, source_extra={"opset": S.opset_of(source)},
+        input_info={"name": spec.name, "shape": ["batch", *ds.train.input_shape], "dtype": "float32"},
+        output_info={"name": head.output, "classes": num_classes, "activation": head.tail, "final_layer": head.dense},
+        reference="torch FN model" if epochs > 0 else "onnxruntime source graph on the residual + z·C",
+        also=(EXTERNAL_DATA_NAME,))
 
 
 def _check_sample_shape(spec: S.InputSpec, ds) -> None:

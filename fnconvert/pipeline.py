@@ -119,7 +119,6 @@ def _transform(opts, log, ctx, device, out, cfg, timings, t_all) -> dict | None:
     from .finetune import config_hash, evaluate, finetune, train_config_dict
     from .models import load_model
     from .surgery import analyze_output, build_fn_model
-    from .verify import compare, open_session
 
     epochs = cfg.epochs
 
@@ -178,22 +177,14 @@ def _transform(opts, log, ctx, device, out, cfg, timings, t_all) -> dict | None:
                 metadata=fn_metadata(loaded, ds, factors, analysis.tail))
     export_torchscript(deploy, example_cpu, stage / "model_fn.pt")
     pt2_skipped = export_pt2(deploy, example_cpu, stage / "model_fn.pt2")
-    if pt2_skipped:
-        log.info(f"model_fn.pt2 not written: {pt2_skipped}")
-    write_statistics(stage, factors, spectrum, history, accuracy_before)
-    timings["export"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    check = compare(open_session(stage / "model_fn.onnx", opts.provider), deploy, ds.test, atol=opts.atol)
-    timings["verify"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_all
-    return finish(out, stage, opts, log, loaded=loaded, ds=ds, factors=factors, d_reason=d_reason, cfg=cfg,
-                  calib_samples=len(calib_idx), accuracy_before=accuracy_before,
-                  accuracy_calibrated=accuracy_calibrated, history=history, check=check, pt2_skipped=pt2_skipped,
-                  timings=timings, device=device, world_size=ctx.world_size, barrier=ctx.barrier,
-                  input_info={"name": "input", "shape": ["batch", *ds.train.input_shape], "dtype": "float32"},
-                  output_info={"name": "output", "classes": analysis.num_classes, "activation": analysis.tail,
-                               "final_layer": analysis.dense_op})
+    return verify_and_finish(
+        out, stage, opts, log, deploy=deploy, spectrum=spectrum, t_export=t0, t_all=t_all, loaded=loaded, ds=ds,
+        factors=factors, d_reason=d_reason, cfg=cfg, calib_samples=len(calib_idx), accuracy_before=accuracy_before,
+        accuracy_calibrated=accuracy_calibrated, history=history, pt2_skipped=pt2_skipped, timings=timings,
+        device=device, world_size=ctx.world_size, barrier=ctx.barrier,
+        input_info={"name": "input", "shape": ["batch", *ds.train.input_shape], "dtype": "float32"},
+        output_info={"name": "output", "classes": analysis.num_classes, "activation": analysis.tail,
+                     "final_layer": analysis.dense_op})
 
 
 # ---- the steps both sources share (PyTorch here, ONNX in onnx_io.transform_onnx) -----------------------------
@@ -252,6 +243,25 @@ def write_statistics(out: Path, factors, spectrum, history: list[dict], accuracy
     factors.save(out / "factors.npz")
     plot_spectrum(inspect_spectrum(spectrum, spectrum.d), out / "spectrum.png", chosen_d=factors.d)
     plot_curves(history, out / "curves.png", accuracy_before=accuracy_before)
+
+
+def verify_and_finish(out: Path, stage: Path, opts, log: Log, *, deploy, spectrum, t_export: float, t_all: float,
+                      **report_args) -> dict:
+    """The steps after the model files, shared by PyTorch and ONNX sources: the statistics files, the onnxruntime
+    check of model_fn.onnx against ``deploy`` on the test split, then :func:`finish` (``report_args``)."""
+    from .verify import compare, open_session
+
+    if report_args["pt2_skipped"]:
+        log.info(f"model_fn.pt2 not written: {report_args['pt2_skipped']}")
+    write_statistics(stage, report_args["factors"], spectrum, report_args["history"], report_args["accuracy_before"])
+    timings = report_args["timings"]
+    timings["export"] = time.perf_counter() - t_export
+    t0 = time.perf_counter()
+    check = compare(open_session(stage / "model_fn.onnx", opts.provider), deploy, report_args["ds"].test,
+                    atol=opts.atol)
+    timings["verify"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_all
+    return finish(out, stage, opts, log, check=check, **report_args)
 
 
 def finish(out: Path, stage: Path, opts, log: Log, *, loaded, ds, factors, d_reason: str, cfg, calib_samples: int,
